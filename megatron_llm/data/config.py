@@ -1,0 +1,35 @@
+"""The ``data`` section: which token shards a run reads and how it splits them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(kw_only=True)
+class DataConfig:
+    # Shard prefixes (path without .bin/.idx). Several prefixes are blended by weight.
+    prefixes: list[str] = dataclasses.field(default_factory=list)
+    weights: list[float] | None = None  # blend weights, one per prefix; null = by size
+    tokenizer: str = ""  # sentencepiece .model file the shards were made with
+    split: str = "98,2,0"  # train,valid,test proportions of documents, Megatron style
+    cache_dir: str | None = None  # where sample indices are cached; null = beside the shards
+
+    def __post_init__(self) -> None:
+        if self.weights is not None:
+            if len(self.weights) != len(self.prefixes):
+                raise ValueError(
+                    f"data.weights has {len(self.weights)} entries but data.prefixes has "
+                    f"{len(self.prefixes)}; give one weight per prefix or null"
+                )
+            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+                raise ValueError(f"data.weights={self.weights}: must be >= 0 with a positive sum")
+        parts = self.split.split(",")
+        try:
+            numbers = [float(p) for p in parts]
+        except ValueError:
+            numbers = []
+        if len(numbers) != 3 or any(n < 0 for n in numbers) or sum(numbers) <= 0:
+            raise ValueError(
+                f"data.split={self.split!r}: expected three non-negative numbers "
+                "'train,valid,test', e.g. '98,2,0'"
+            )

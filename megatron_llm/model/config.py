@@ -1,0 +1,94 @@
+"""The ``model`` section: decoder shape and style."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+# What each style means when a field below is left unset (null).
+_STYLE_DEFAULTS = {
+    "gpt2": dict(norm="layernorm", activation="gelu", position="learned", tie_embeddings=True,
+                 bias=True),
+    "llama": dict(norm="rmsnorm", activation="swiglu", position="rope", tie_embeddings=False,
+                  bias=False),
+}
+
+
+@dataclasses.dataclass(kw_only=True)
+class ModelConfig:
+    style: Literal["gpt2", "llama"] = "gpt2"  # preset for the fields left null below
+    num_layers: int = 2  # transformer blocks
+    hidden_size: int = 128  # model width
+    num_heads: int = 4  # attention (query) heads
+    num_kv_heads: int | None = None  # key/value heads for grouped-query attention; null = num_heads
+    ffn_hidden_size: int | None = None  # MLP width; null = 4*hidden (gelu) or ~8/3*hidden (swiglu)
+    seq_length: int = 256  # tokens per training sample; also the learned-position table size
+    vocab_size: int | None = None  # null = the tokenizer's size, padded (see below)
+    pad_vocab_multiple: int = 128  # pad the vocabulary to a multiple of this (times parallel.tp)
+    norm: Literal["layernorm", "rmsnorm"] | None = None  # null = style default
+    activation: Literal["gelu", "swiglu"] | None = None  # null = style default
+    position: Literal["learned", "rope"] | None = None  # null = style default
+    tie_embeddings: bool | None = None  # share input embedding and output head; null = style
+    bias: bool | None = None  # biases in linear layers; null = style default
+    norm_eps: float = 1e-5  # epsilon of LayerNorm / RMSNorm
+    rope_theta: float = 10000.0  # RoPE base frequency
+    dropout: float = 0.0  # dropout on embeddings and residual branches
+    attention_dropout: float = 0.0  # dropout on attention probabilities
+    init_std: float = 0.02  # std of normal init; output projections are scaled by 1/sqrt(2L)
+
+    def __post_init__(self) -> None:
+        for name, value in _STYLE_DEFAULTS[self.style].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        for name in ("num_layers", "hidden_size", "num_heads", "seq_length", "pad_vocab_multiple"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name}={getattr(self, name)}: must be >= 1")
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads="
+                f"{self.num_heads}; the head dimension must be a whole number"
+            )
+        if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model.num_kv_heads={self.num_kv_heads}: must divide model.num_heads="
+                f"{self.num_heads} (each key/value head serves a whole group of query heads)"
+            )
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"model: RoPE needs an even head dimension, got {self.head_dim}")
+        if self.ffn_hidden_size is None:
+            if self.activation == "swiglu":
+                # Llama's choice: 2/3 of 4h, rounded up to a multiple of 64 for good matmul shapes.
+                self.ffn_hidden_size = -(-int(8 * self.hidden_size / 3) // 64) * 64
+            else:
+                self.ffn_hidden_size = 4 * self.hidden_size
+        if self.vocab_size is not None and self.vocab_size < 2:
+            raise ValueError(f"model.vocab_size={self.vocab_size}: must be >= 2 or null")
+        for name in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"model.{name}={getattr(self, name)}: must be in [0, 1)")
+        if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
+            raise ValueError("model.norm_eps, model.init_std and model.rope_theta must be > 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def check_divisible_by_tp(self, tp: int) -> None:
+        for name in ("num_heads", "num_kv_heads", "ffn_hidden_size"):
+            if getattr(self, name) % tp:
+                raise ValueError(
+                    f"model.{name}={getattr(self, name)} is not divisible by parallel.tp={tp}; "
+                    "tensor parallelism splits it evenly across ranks"
+                )
+
+    def padded_vocab_size(self, tokenizer_size: int, tp: int = 1) -> int:
+        """The embedding rows: the tokenizer's size rounded up so every tp shard is equal."""
+        size = self.vocab_size if self.vocab_size is not None else tokenizer_size
+        if size < tokenizer_size:
+            raise ValueError(
+                f"model.vocab_size={size} is smaller than the tokenizer's {tokenizer_size} tokens"
+            )
+        multiple = self.pad_vocab_multiple * tp
+        return -(-size // multiple) * multiple

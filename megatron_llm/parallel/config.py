@@ -1,0 +1,45 @@
+"""The ``parallel`` section: how ranks split the work."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(kw_only=True)
+class ParallelConfig:
+    tp: int = 1  # tensor-parallel size (ranks that split each layer)
+    pp: int = 1  # pipeline-parallel size (stages)
+    dp: int | None = None  # data-parallel size; null = world size / (tp * pp)
+    sequence_parallel: bool = False  # shard norms/dropout along the sequence (needs tp > 1)
+    zero_stage: int = 0  # DeepSpeed ZeRO stage: 0 off, 1 optimizer, 2 +gradients, 3 +parameters
+    timeout_minutes: float = 10.0  # collective timeout; a dead rank ends the job after this
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name}={getattr(self, name)}: must be >= 1")
+        if self.dp is not None and self.dp < 1:
+            raise ValueError(f"parallel.dp={self.dp}: must be >= 1, or null to derive it")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"parallel.zero_stage={self.zero_stage}: must be 0, 1, 2 or 3")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("parallel.sequence_parallel=true needs parallel.tp > 1")
+        if self.timeout_minutes <= 0:
+            raise ValueError(f"parallel.timeout_minutes={self.timeout_minutes}: must be > 0")
+
+    def world_size(self, default_dp: int = 1) -> int:
+        """Ranks this layout needs; dp=null counts as default_dp."""
+        return self.tp * self.pp * (self.dp if self.dp is not None else default_dp)
+
+    def resolve_dp(self, world_size: int) -> int:
+        """The data-parallel size for world_size ranks, or a ValueError naming every factor."""
+        model_parallel = self.tp * self.pp
+        dp = self.dp if self.dp is not None else world_size // model_parallel
+        if dp < 1 or self.tp * self.pp * dp != world_size:
+            raise ValueError(
+                f"world size {world_size} != tp ({self.tp}) x pp ({self.pp}) x dp "
+                f"({self.dp if self.dp is not None else 'derived'}"
+                f"{'' if self.dp is not None else ' = ' + str(dp)}); start tp*pp*dp ranks or "
+                "change parallel.tp / parallel.pp / parallel.dp"
+            )
+        return dp
