@@ -115,7 +115,9 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in fields:
-            raise ConfigError(f"{source}: unknown key {prefix + str(key)!r}{_suggest(key, fields, prefix)}")
+            raise ConfigError(
+                f"{source}: unknown key {prefix + str(key)!r}{_suggest(key, fields, prefix)}"
+            )
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, prefix + key + ".", source)

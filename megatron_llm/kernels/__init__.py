@@ -1,0 +1,43 @@
+"""Fused ops the model calls: layer norm, RMS norm and causal attention.
+
+Every op here has a pure-PyTorch path that runs anywhere (CPU included). The fused CUDA kernels
+of csrc/ plug in behind these same functions; until an extension is built and the tensors are
+on CUDA, the PyTorch path is what runs. Set MEGATRON_LLM_KERNELS=torch to force it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+
+def backend() -> str:
+    """Which implementation the ops use in this process: 'torch' until csrc/ kernels are built."""
+    forced = os.environ.get("MEGATRON_LLM_KERNELS", "").strip().lower()
+    if forced not in ("", "torch"):
+        raise ValueError(f"MEGATRON_LLM_KERNELS={forced!r}: expected 'torch' or unset")
+    return "torch"
+
+
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    # Statistics in fp32 whatever the input dtype, as the fused kernels do.
+    return F.layer_norm(
+        x.float(), x.shape[-1:], weight.float(), None if bias is None else bias.float(), eps
+    ).to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x.float(), x.shape[-1:], weight.float(), eps).to(x.dtype)
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """q: (batch, heads, seq, head_dim); k, v: (batch, kv_heads, seq, head_dim)."""
+    return F.scaled_dot_product_attention(
+        q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]
+    )

@@ -7,10 +7,12 @@ from typing import Literal
 
 # What each style means when a field below is left unset (null).
 _STYLE_DEFAULTS = {
-    "gpt2": dict(norm="layernorm", activation="gelu", position="learned", tie_embeddings=True,
-                 bias=True),
-    "llama": dict(norm="rmsnorm", activation="swiglu", position="rope", tie_embeddings=False,
-                  bias=False),
+    "gpt2": dict(
+        norm="layernorm", activation="gelu", position="learned", tie_embeddings=True, bias=True
+    ),
+    "llama": dict(
+        norm="rmsnorm", activation="swiglu", position="rope", tie_embeddings=False, bias=False
+    ),
 }
 
 

@@ -1,0 +1,170 @@
+"""The decoder: GPT-2 style or Llama style, chosen by ModelConfig.
+
+Reads as a single-device model, top to bottom: norm, rotary embedding, attention, MLP, block,
+model. Parallelism is applied from outside; nothing here reads globals.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_llm import kernels
+from megatron_llm.model.config import ModelConfig
+
+
+class Norm(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.kind = cfg.norm
+        self.eps = cfg.norm_eps
+        self.weight = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(cfg.hidden_size)) if cfg.norm == "layernorm" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "rmsnorm":
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class Rotary(nn.Module):
+    """RoPE tables for positions 0..seq_length-1 (rotate-half layout, as in Llama)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        inv_freq = 1.0 / cfg.rope_theta ** (
+            torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim
+        )
+        angles = torch.outer(torch.arange(cfg.seq_length, dtype=torch.float64), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)  # (seq, head_dim)
+        # Not saved in checkpoints: derived from the config.
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = x.shape[-2]  # x: (batch, heads, seq, head_dim)
+        cos, sin = self.cos[:seq].to(x.dtype), self.sin[:seq].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        )
+        # Separate q/k/v projections: each splits cleanly by heads under tensor parallelism,
+        # grouped-query attention included.
+        self.q = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.bias)
+        self.k = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.v = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.out = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.bias)
+        self.rotary = Rotary(cfg) if cfg.position == "rope" else None
+        self.dropout = cfg.attention_dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        # (batch, seq, heads * head_dim) -> (batch, heads, seq, head_dim)
+        q = self.q(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
+        y = kernels.causal_attention(q, k, v, self.dropout if self.training else 0.0)
+        # (batch, heads, seq, head_dim) -> (batch, seq, heads * head_dim)
+        y = y.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        return self.out(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.activation = cfg.activation
+        self.fc_in = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=cfg.bias)
+        # SwiGLU's gate is its own projection (not fused with fc_in) so both split by columns.
+        self.fc_gate = (
+            nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=cfg.bias)
+            if cfg.activation == "swiglu"
+            else None
+        )
+        self.fc_out = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fc_gate is not None:
+            return self.fc_out(F.silu(self.fc_gate(x)) * self.fc_in(x))
+        return self.fc_out(F.gelu(self.fc_in(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = Norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp_norm = Norm(cfg)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x)))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.embed = nn.Embedding(vocab_size, cfg.hidden_size)
+        self.pos_embed = (
+            nn.Embedding(cfg.seq_length, cfg.hidden_size) if cfg.position == "learned" else None
+        )
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.final_norm = Norm(cfg)
+        self.head = (
+            None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, vocab_size, bias=False)
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # GPT-2 init: N(0, std) everywhere, residual output projections scaled by 1/sqrt(2L)
+        # so the residual stream's variance does not grow with depth.
+        out_std = self.cfg.init_std / math.sqrt(2 * self.cfg.num_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "norm" in name:
+                nn.init.ones_(p)
+            elif name.endswith(("attn.out.weight", "mlp.fc_out.weight")):
+                nn.init.normal_(p, std=out_std)
+            else:
+                nn.init.normal_(p, std=self.cfg.init_std)
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: (batch, seq). Returns logits (batch, seq, vocab), or the mean loss if labels."""
+        seq = tokens.shape[1]
+        if seq > self.cfg.seq_length:
+            raise ValueError(
+                f"sequence of {seq} tokens exceeds model.seq_length={self.cfg.seq_length}"
+            )
+        x = self.embed(tokens)  # (batch, seq, hidden)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.arange(seq, device=tokens.device))
+        x = self.dropout(x)
+        for block in self.blocks:
+            x = block(x)
+        x = self.final_norm(x)
+        weight = self.embed.weight if self.head is None else self.head.weight
+        logits = F.linear(x, weight)  # (batch, seq, vocab)
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
