@@ -1,0 +1,36 @@
+"""Validation loss and perplexity, averaged over every data-parallel rank."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from megatron_llm.data.sampler import micro_batches
+from megatron_llm.parallel.groups import ParallelContext, mean_over_dp
+
+
+def validation_loss(
+    engine: Any, dataset: Any, *, iters: int, micro_batch_size: int, ctx: ParallelContext
+) -> float:
+    """Mean token loss over ``iters`` micro-batches per rank, always the same samples."""
+    engine.eval()
+    batches = micro_batches(
+        dataset,
+        consumed_samples=0,
+        micro_batch_size=micro_batch_size,
+        dp_rank=ctx.dp_rank,
+        dp_size=ctx.dp,
+    )
+    total = torch.zeros(())
+    with torch.no_grad():
+        for _ in range(iters):
+            tokens = next(batches)
+            total += engine(tokens[:, :-1], tokens[:, 1:]).float()
+    engine.train()
+    return mean_over_dp(total / iters, ctx)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))  # beyond that exp overflows a float

@@ -1,0 +1,59 @@
+"""DeepSpeed engine setup: the config dict, AdamW, the schedule and deepspeed.initialize."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from megatron_llm.parallel.groups import ParallelContext
+
+
+def deepspeed_config(cfg: Any, dp: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config for a RunConfig; the run config stays the single source."""
+    global_batch = cfg.train.check_global_batch(dp)
+    precision = cfg.train.precision
+    return {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum_steps,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 2**31 - 1,  # our loop logs; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # No weight decay on biases and norm gains (1-D tensors), as in GPT-2 / Megatron.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_engine(model: nn.Module, cfg: Any, ctx: ParallelContext) -> Any:
+    import deepspeed
+
+    from megatron_llm.training.schedule import build_scheduler
+
+    o = cfg.optim
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("train.precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
+    optimizer = torch.optim.AdamW(
+        param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
+    )
+    scheduler = build_scheduler(optimizer, o, cfg.train.steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, ctx.dp),
+        mpu=ctx,
+    )
+    return engine

@@ -1,0 +1,103 @@
+"""Entry point of one training rank: ``python -m megatron_llm.pretrain [CONFIG] [a.b=value ...]``.
+
+Normally started through ``launch/pretrain.sh``, which starts the right number of ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from megatron_llm.config import ConfigError, load_config
+
+
+def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(config path or None, overrides); drops the --local_rank the deepspeed launcher adds."""
+    config, overrides, skip = None, [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg.startswith("--local_rank"):
+            skip = arg == "--local_rank"  # "--local_rank N" form
+            continue
+        if arg in ("-h", "--help"):
+            print(
+                __doc__ + "\nCONFIG: a YAML file in configs/; overrides: section.field=value "
+                "(e.g. train.steps=100 parallel.zero_stage=1)."
+            )
+            sys.exit(0)
+        if "=" in arg:
+            overrides.append(arg)
+        elif config is None and not overrides:
+            config = arg
+        else:
+            raise ConfigError(
+                f"argument {arg!r}: expected one config file first, then "
+                "section.field=value overrides"
+            )
+    return config, overrides
+
+
+def print_summary(summary: dict, cfg_path: str | None) -> None:
+    losses = summary["losses"]
+    lines = [
+        "=" * 64,
+        f"run summary ({cfg_path or 'defaults'})",
+        f"  steps              {summary['steps']} on {summary['world_size']} ranks, "
+        f"global batch {summary['global_batch_size']}",
+        f"  loss               {losses[0]:.4f} (step 1) -> {losses[-1]:.4f} (step {len(losses)})",
+    ]
+    if "val_loss" in summary:
+        lines.append(
+            f"  validation         loss {summary['val_loss']:.4f}, "
+            f"perplexity {summary['val_perplexity']:.2f}"
+        )
+    lines.append(
+        f"  throughput         {summary['tokens_per_s']:,.0f} tokens/s "
+        f"({summary['tokens']:,} tokens in {summary['seconds']:.1f} s)"
+    )
+    if "checkpoint" in summary:
+        lines.append(f"  checkpoint         {summary['checkpoint']}")
+    lines.append("=" * 64)
+    print("\n".join(lines), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch.distributed as dist
+
+    from megatron_llm.parallel.groups import build_context, init_distributed
+    from megatron_llm.training.loop import train
+
+    try:
+        cfg_path, overrides = split_args(sys.argv[1:] if argv is None else argv)
+        cfg = load_config(cfg_path, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    init_distributed(cfg.parallel.timeout_minutes)
+    try:
+        ctx = build_context(cfg.parallel)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = train(cfg, ctx)
+    if ctx.is_logging_rank:
+        print_summary(summary, cfg_path)
+        out = Path(cfg.logging.dir) / "summary.json"
+        out.write_text(
+            json.dumps(
+                {k: v for k, v in summary.items() if not (isinstance(v, float) and math.isnan(v))},
+                indent=2,
+            )
+        )
+        print(f"summary written to {out}", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

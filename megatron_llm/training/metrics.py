@@ -1,0 +1,52 @@
+"""Per-step metrics: printed on the logging rank and appended to <logging.dir>/metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    def __init__(self, run_dir: str, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")  # a fresh run starts a fresh file
+        self._last_time = time.perf_counter()
+        self._tokens_since = 0
+
+    def count_tokens(self, tokens: int) -> None:
+        self._tokens_since += tokens
+
+    def throughput(self) -> float:
+        """Tokens/s since the previous call (over the whole job, not per rank)."""
+        now = time.perf_counter()
+        rate = self._tokens_since / max(now - self._last_time, 1e-9)
+        self._last_time, self._tokens_since = now, 0
+        return rate
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def print_step(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        parts = [f"step {record['step']:>6}", f"loss {record['loss']:.4f}"]
+        if "lr" in record:
+            parts.append(f"lr {record['lr']:.3e}")
+        if record.get("grad_norm") is not None:
+            parts.append(f"grad_norm {record['grad_norm']:.3f}")
+        if "tokens_per_s" in record:
+            parts.append(f"tokens/s {record['tokens_per_s']:,.0f}")
+        if "val_loss" in record:
+            parts.append(
+                f"val_loss {record['val_loss']:.4f} val_ppl {math.exp(record['val_loss']):.2f}"
+            )
+        print(" | ".join(parts), flush=True)
