@@ -1,0 +1,217 @@
+"""GPT training and validation datasets over Megatron token shards.
+
+megatron-core builds them: ``GPTDataset`` (document, sample and shuffle indices: deterministic
+from the seed, several epochs when more samples are asked for than one epoch holds) and
+``BlendedDataset`` (several prefixes mixed by weight), through ``BlendedMegatronDatasetBuilder``.
+This module decides what to ask for, checks the shards first so that mistakes get a message
+naming the file and the fix, and turns megatron-core's item dicts into one token tensor.
+
+Distributed runs: call ``build_datasets`` on every rank (megatron-core synchronizes with
+barriers on the default process group). Rank 0 builds the index files and writes them to the
+cache; the other ranks wait, then load them, so they never race on the files. Ranks on other
+machines load them too: the cache must be on a filesystem every node sees.
+
+Cache (``data.cache_dir``): the GPTDataset indices go to cache_dir, or, when it is null, to
+megatron-core's default ``PREFIX/cache/GPTDataset_indices/`` (a folder named like the prefix,
+beside the shard). File names hash the seed, sequence length, split, sample count and the
+tokenizer's sha256, so a change rebuilds rather than reuses a stale index.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core.datasets.blended_dataset import BlendedDataset
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+    parse_and_normalize_split,
+)
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.utils import Split
+
+from megatron_llm.data.config import DataConfig
+from megatron_llm.data.tokenizer import Tokenizer
+
+
+class TokenSamples(torch.utils.data.Dataset):
+    """Items are ``torch.LongTensor`` of shape (seq_length + 1,): input = item[:-1], labels =
+    item[1:]. Consecutive documents are packed, each followed by its EOS id."""
+
+    def __init__(self, inner: GPTDataset | BlendedDataset) -> None:
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, idx: int) -> torch.Tensor:
+        item = self.inner[idx]
+        # megatron-core splits the seq_length + 1 tokens it read into tokens = text[:-1] and
+        # labels = text[1:]; the first token and the labels give the text back.
+        return torch.cat((item["tokens"][:1], item["labels"]))  # (seq_length + 1,)
+
+
+@dataclass(frozen=True)
+class Shard:
+    prefix: str
+    weight: float
+    documents: int  # megatron-core splits train/valid/test by document (one sequence each)
+    tokens: int
+
+
+def build_datasets(
+    cfg: DataConfig,
+    *,
+    seq_length: int,
+    seed: int,
+    train_samples: int,
+    valid_samples: int,
+    tokenizer: Tokenizer,
+) -> tuple[TokenSamples, TokenSamples | None]:
+    """The train dataset with at least train_samples items, and the validation dataset with
+    at least valid_samples items, or None when valid_samples is 0 or cfg.split leaves the
+    validation split no documents."""
+    if train_samples <= 0:
+        raise ValueError(f"train_samples={train_samples}: must be positive")
+    shards = [_open_shard(i, p, cfg, tokenizer) for i, p in enumerate(cfg.prefixes)]
+    if not shards:
+        raise ValueError("data.prefixes is empty; list the token shards to train on")
+    shards = [s for s in shards if s.weight > 0]
+    base = _base_config(cfg, seq_length, seed, tokenizer)
+    train_part = _split_part(base, Split.train)
+    if train_part is None:
+        raise ValueError(f"data.split={cfg.split!r} gives the train split no share of documents")
+    for shard in shards:
+        if _documents_in(shard, train_part) == 0:
+            raise ValueError(
+                f"{shard.prefix}: its {shard.documents} documents give the train split none "
+                f"with data.split={cfg.split!r}; use a larger train share or more documents"
+            )
+    train = _build_split(base, Split.train, shards, train_samples)
+    valid_part = _split_part(base, Split.valid)
+    with_valid = [s for s in shards if valid_part and _documents_in(s, valid_part) > 0]
+    if valid_samples <= 0 or not with_valid:
+        return train, None
+    # A shard too small to lend the validation split a document is left out of that blend only.
+    return train, _build_split(base, Split.valid, with_valid, valid_samples)
+
+
+def _open_shard(index: int, prefix: str, cfg: DataConfig, tokenizer: Tokenizer) -> Shard:
+    missing = [f"{prefix}{ext}" for ext in (".bin", ".idx") if not Path(f"{prefix}{ext}").is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"data.prefixes[{index}]={prefix!r}: missing {' and '.join(missing)} (a shard is "
+            f"PREFIX.bin + PREFIX.idx); make it with data_tools/preprocess.py, whose "
+            "--output-prefix OUT writes OUT_text_document.bin/.idx"
+        )
+    _check_tokenizer(prefix, tokenizer)
+    indexed = IndexedDataset(prefix)
+    # sequence_lengths views the .idx mmap, which closes with `indexed`: use it before then.
+    documents, tokens = len(indexed.sequence_lengths), int(indexed.sequence_lengths.sum())
+    del indexed
+    # "By size" means by tokens, which is proportional to the samples an epoch holds. Passing
+    # these weights (not None) makes megatron-core build enough epochs of every shard.
+    weight = float(tokens) if cfg.weights is None else cfg.weights[index]
+    return Shard(prefix, weight, documents, tokens)
+
+
+def _check_tokenizer(prefix: str, tokenizer: Tokenizer) -> None:
+    # Shards from our preprocess.py name their tokenizer; Megatron-LM's have no manifest.
+    manifest = Path(f"{prefix}.manifest.json")
+    if not manifest.is_file():
+        return
+    try:
+        made_with = json.loads(manifest.read_text()).get("tokenizer_sha256")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{manifest}: not valid JSON ({e}); re-run preprocess.py") from e
+    if made_with is not None and made_with != tokenizer.sha256:
+        raise ValueError(
+            f"{prefix}: made with a different tokenizer than {tokenizer.path} (sha256 "
+            f"{made_with[:12]}... in {manifest} vs {tokenizer.sha256[:12]}...); point "
+            "data.tokenizer at the model the shard was made with, or re-run preprocess.py"
+        )
+
+
+def _base_config(cfg: DataConfig, seq_length: int, seed: int, tok: Tokenizer) -> dict[str, Any]:
+    return {
+        "random_seed": seed,
+        "sequence_length": seq_length,
+        "split": cfg.split,
+        "path_to_cache": cfg.cache_dir or None,
+        "tokenizer": tok,
+        "reset_position_ids": False,
+        "reset_attention_mask": False,
+        "eod_mask_loss": False,
+        # The model builds its own causal mask; a (seq, seq) mask per item is wasted work.
+        "create_attention_mask": False,
+    }
+
+
+def _split_part(base: dict[str, Any], which: Split) -> tuple[float, float] | None:
+    """The [begin, end) fraction of every shard's documents that split ``which`` gets."""
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(base["split"]))
+    return matrix[which.value]
+
+
+def _documents_in(shard: Shard, part: tuple[float, float]) -> int:
+    # The same rounding as BlendedMegatronDatasetBuilder._build_megatron_dataset_splits.
+    return int(round(part[1] * shard.documents)) - int(round(part[0] * shard.documents))
+
+
+def _build_split(
+    base: dict[str, Any], which: Split, shards: list[Shard], samples: int
+) -> TokenSamples:
+    """One split, alone: the builder builds every split its matrix names, and an empty split
+    would make GPTDataset loop forever looking for tokens to fill the samples asked of it."""
+    weights = [s.weight for s in shards] if len(shards) > 1 else None
+    config = GPTDatasetConfig(blend=([s.prefix for s in shards], weights), **base)
+    config.split_matrix = [
+        m if i == which.value else None for i, m in enumerate(config.split_matrix)
+    ]
+    sizes = [samples if i == which.value else 0 for i in range(len(Split))]
+    datasets = _Builder(GPTDataset, sizes, lambda: True, config).build()
+    return TokenSamples(datasets[which.value])
+
+
+class _Builder(BlendedMegatronDatasetBuilder):
+    """megatron-core's builder, usable with data.cache_dir set and no process group.
+
+    BlendedDataset calls torch.distributed.get_rank() on a cache miss whenever path_to_cache is
+    set, which raises without a process group (GPTDataset checks first). Single-process runs
+    therefore build the blending indices in memory: a linear pass, cheap next to the rest.
+    """
+
+    @staticmethod
+    def build_generic_dataset(cls: Any, is_built_on_rank: Any, synchronize_ranks: bool, *args: Any):
+        if cls is not BlendedDataset or torch.distributed.is_initialized():
+            return BlendedMegatronDatasetBuilder.build_generic_dataset(
+                cls, is_built_on_rank, synchronize_ranks, *args
+            )
+        *rest, config = args
+        config = copy.copy(config)
+        config.path_to_cache = None
+        # Its "Cannot save ... because path_to_cache is None" warning would blame a setting
+        # the user did give.
+        log = logging.getLogger("megatron.core.datasets.blended_dataset")
+        quiet = _DropMessage("because path_to_cache is None")
+        log.addFilter(quiet)
+        try:
+            return BlendedDataset(*rest, config)
+        finally:
+            log.removeFilter(quiet)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
