@@ -1,0 +1,34 @@
+# Two commands for a new user (see README.md):
+#   make pretrain   set up .venv, build the default data, run the default pretraining
+#   make test       set up .venv and run lint + the test suite
+PYTHON ?= python3
+# The torch to install first. The CPU wheel here; on a GPU cluster, e.g. TORCH="torch==2.13.0"
+# from your CUDA index, or install torch into .venv yourself before `make setup`.
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup pretrain test lint clean-data
+
+$(STAMP): setup.py pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(STAMP)
+
+pretrain: $(STAMP)
+	PATH="$(BIN):$$PATH" bash launch/default_run.sh
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	PATH="$(BIN):$$PATH" $(BIN)/python -m pytest -q
+
+clean-data:
+	rm -rf data/default runs/default
