@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 from megatron_llm.config import ConfigError, load_config
@@ -65,7 +66,18 @@ def print_summary(summary: dict, cfg_path: str | None) -> None:
     print("\n".join(lines), flush=True)
 
 
+def quiet_known_warnings() -> None:
+    # Two warnings every rank would print that ask nothing of the user: megatron-core reports
+    # that apex is absent (we do not use apex; csrc/ replaces it), and DeepSpeed's ZeRO calls a
+    # torch.distributed function that torch has deprecated.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    warnings.filterwarnings(
+        "ignore", message=".*all_gather_into_tensor` is deprecated", category=FutureWarning
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_known_warnings()
     import torch.distributed as dist
 
     from megatron_llm.parallel.groups import build_context, init_distributed
