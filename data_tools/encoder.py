@@ -7,7 +7,7 @@ in a fraction of a second under any multiprocessing start method.
 from __future__ import annotations
 
 import multiprocessing
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.pool import AsyncResult, Pool
@@ -15,6 +15,7 @@ from types import TracebackType
 
 import numpy as np
 
+from data_tools.inputs import Position
 from megatron_llm.data.tokenizer import Tokenizer
 
 _worker_tokenizer: Tokenizer | None = None
@@ -24,12 +25,25 @@ _worker_tokenizer: Tokenizer | None = None
 class Chunk:
     items: list[tuple[str, str]] = field(default_factory=list)  # (json key, text) in file order
     nbytes: int = 0  # raw input bytes the chunk covers, bad documents included
+    end: tuple[int, Position] = (0, Position())  # input file index and position after it
+    last_of_shard: bool = False  # the output shard is complete after this chunk
+    skipped: dict[str, Counter[str]] = field(default_factory=dict)  # key -> reason -> count
 
 
-def encode_documents(tokenizer: Tokenizer, texts: list[str], dtype: type) -> list[np.ndarray]:
-    """Token ids of each text followed by the EOS id, as arrays of the shard's dtype."""
+Encoded = tuple[np.ndarray, np.ndarray]  # (all tokens concatenated, each document's length)
+
+
+def encode_documents(tokenizer: Tokenizer, texts: list[str], dtype: type) -> Encoded:
+    """Token ids of each text followed by the EOS id, concatenated in the shard's dtype.
+
+    One array per chunk, not per document: it pickles from a worker and writes to disk in one
+    call each.
+    """
     eod = tokenizer.eod
-    return [np.array([*ids, eod], dtype=dtype) for ids in tokenizer.encode_batch(texts)]
+    encoded = tokenizer.encode_batch(texts)
+    lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int32, count=len(encoded))
+    flat = [i for ids in encoded for i in (*ids, eod)]
+    return np.array(flat, dtype=dtype), lengths
 
 
 def _init_worker(model_path: str) -> None:
@@ -37,7 +51,7 @@ def _init_worker(model_path: str) -> None:
     _worker_tokenizer = Tokenizer(model_path)  # once per worker, not once per chunk
 
 
-def _encode_in_worker(texts: list[str], dtype: type) -> list[np.ndarray]:
+def _encode_in_worker(texts: list[str], dtype: type) -> Encoded:
     assert _worker_tokenizer is not None, "worker started without _init_worker"
     return encode_documents(_worker_tokenizer, texts, dtype)
 
@@ -72,12 +86,12 @@ class Encoder:
             self.pool.join()
             self.pool = None
 
-    def map(self, chunks: Iterable[Chunk]) -> Iterator[tuple[Chunk, list[np.ndarray]]]:
+    def map(self, chunks: Iterable[Chunk]) -> Iterator[tuple[Chunk, Encoded]]:
         if self.pool is None:
             for chunk in chunks:
                 yield chunk, encode_documents(self.tokenizer, _texts(chunk), self.dtype)
             return
-        pending: deque[tuple[Chunk, AsyncResult[list[np.ndarray]]]] = deque()
+        pending: deque[tuple[Chunk, AsyncResult[Encoded]]] = deque()
         for chunk in chunks:
             task = self.pool.apply_async(_encode_in_worker, (_texts(chunk), self.dtype))
             pending.append((chunk, task))

@@ -5,8 +5,12 @@ Formats, picked by file name:
   *.txt, *.txt.gz       one document per line, or one per file (txt_doc_per_file)
 
 Every document comes back as a Record with its file and 1-based line, so that a bad one can be
-reported as ``file:line: reason``. Bad documents are not errors here: they are Records whose
-``problems`` say why, and the caller decides whether to skip or stop.
+reported as ``file:line: reason``, and the byte offset where the next document starts, so that a
+later run can resume there (``read_records(..., start=Position)``). A document longer than
+max_doc_bytes is never held in memory: it is read past in blocks and reported as giant.
+
+Bad documents are not errors here: they are Records whose ``problems`` say why, and the caller
+decides whether to skip or stop.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from typing import IO, Any
 JSON_SUFFIXES = (".jsonl", ".jsonl.gz")
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 SUFFIXES = JSON_SUFFIXES + TEXT_SUFFIXES
+MAX_DOC_BYTES = 64 << 20  # default cap on one document (one JSONL line), in raw bytes
+_SKIP_BLOCK = 1 << 20
 
 
 class InputError(ValueError):
@@ -35,11 +41,20 @@ class Problem:
     detail: str  # one line for a human, with the fix where there is one
 
 
+@dataclass(frozen=True)
+class Position:
+    """Where reading (re)starts: byte offset into a file's decompressed stream and its line."""
+
+    offset: int = 0
+    line: int = 1
+
+
 @dataclass
 class Record:
     path: Path
     line: int  # 1-based line where the document starts
     nbytes: int  # raw (decompressed) bytes the document took in the file, for progress
+    end: Position = Position()  # where the next document of the file starts
     texts: dict[str, str] = field(default_factory=dict)  # key -> usable text
     problems: dict[str, Problem] = field(default_factory=dict)  # key -> why it is unusable
 
@@ -102,16 +117,72 @@ def source_fingerprint(paths: list[Path]) -> list[dict[str, Any]]:
     return out
 
 
-def read_records(path: Path, keys: list[str], txt_doc_per_file: bool = False) -> Iterator[Record]:
-    """The documents of one file. Text files give their text under every key in keys."""
+def read_records(
+    path: Path,
+    keys: list[str],
+    txt_doc_per_file: bool = False,
+    start: Position = Position(),
+    max_doc_bytes: int = MAX_DOC_BYTES,
+) -> Iterator[Record]:
+    """The documents of one file from ``start`` on. Text files give their text under every key.
+
+    Documents (lines; whole files with txt_doc_per_file) over max_doc_bytes are Records with a
+    "giant document" problem, read past without being held in memory.
+    """
     with _open_binary(path) as stream:
-        if is_json(path):
-            yield from _json_records(path, stream, keys)
-        elif txt_doc_per_file:
-            yield _text_record(path, 1, stream.read(), keys)
-        else:
-            for number, raw in enumerate(stream, start=1):
-                yield _text_record(path, number, raw, keys, strip_newline=True)
+        if start.offset:
+            stream.seek(start.offset)  # gzip streams decompress up to it, plain files jump
+        if txt_doc_per_file:
+            if start != Position():
+                return  # the file's one document was done
+            raw, nbytes = _read_capped(stream, max_doc_bytes)
+            record = _text_record(path, 1, raw, keys) if raw is not None else None
+            record = record or _giant(path, 1, nbytes, keys, max_doc_bytes)
+            record.end = Position(nbytes, 2)
+            yield record
+            return
+        offset, number = start.offset, start.line
+        for raw, nbytes in _lines(stream, max_doc_bytes):
+            if raw is None:
+                record = _giant(path, number, nbytes, keys, max_doc_bytes)
+            elif is_json(path):
+                record = _json_record(path, number, raw, keys)
+            else:
+                record = _text_record(path, number, raw, keys, strip_newline=True)
+            offset, number = offset + nbytes, number + 1
+            record.end = Position(offset, number)
+            yield record
+
+
+def _lines(stream: IO[bytes], limit: int) -> Iterator[tuple[bytes | None, int]]:
+    """(line, its bytes) for each line; (None, its bytes) for a line longer than limit."""
+    while raw := stream.readline(limit + 1):
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield raw, len(raw)
+            continue
+        nbytes = len(raw)
+        while not raw.endswith(b"\n") and (raw := stream.readline(_SKIP_BLOCK)):
+            nbytes += len(raw)
+        yield None, nbytes
+
+
+def _read_capped(stream: IO[bytes], limit: int) -> tuple[bytes | None, int]:
+    raw = stream.read(limit + 1)
+    if len(raw) <= limit:
+        return raw, len(raw)
+    nbytes = len(raw)
+    while block := stream.read(_SKIP_BLOCK):
+        nbytes += len(block)
+    return None, nbytes
+
+
+def _giant(path: Path, number: int, nbytes: int, keys: list[str], limit: int) -> Record:
+    problem = Problem(
+        "giant document",
+        f"document of {nbytes} bytes, over --max-doc-bytes={limit}; raise it to keep such "
+        "documents",
+    )
+    return Record(path, number, nbytes, problems={key: problem for key in keys})
 
 
 def _open_binary(path: Path) -> IO[bytes]:
@@ -120,16 +191,15 @@ def _open_binary(path: Path) -> IO[bytes]:
     return gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")
 
 
-def _json_records(path: Path, stream: IO[bytes], keys: list[str]) -> Iterator[Record]:
-    for number, raw in enumerate(stream, start=1):
-        record = Record(path, number, len(raw))
-        obj, problem = _parse_json_line(raw)
-        for key in keys:
-            if problem is not None:
-                record.problems[key] = problem
-            else:
-                _take_field(record, obj, key)
-        yield record
+def _json_record(path: Path, number: int, raw: bytes, keys: list[str]) -> Record:
+    record = Record(path, number, len(raw))
+    obj, problem = _parse_json_line(raw)
+    for key in keys:
+        if problem is not None:
+            record.problems[key] = problem
+        else:
+            _take_field(record, obj, key)
+    return record
 
 
 def _parse_json_line(raw: bytes) -> tuple[Any, Problem | None]:

@@ -5,22 +5,25 @@
 
 Outputs, for each --json-keys KEY, the prefix P = OUTPUT_PREFIX_KEY_document (Megatron's naming):
 
-  P.bin   every document's token ids followed by the EOS id, concatenated; uint16 when the
-          vocabulary has fewer than 65500 ids, else int32
-  P.idx   Megatron's MMIDIDX v1 index, written by megatron-core's IndexedDatasetBuilder:
-          magic b"MMIDIDX\\x00\\x00", u64 version 1, u8 dtype code (8 uint16, 4 int32),
-          u64 sequence count, u64 document count, int32[count] lengths, int64[count] byte
-          offsets, int64[documents + 1] document boundaries. One sequence per document.
-  P.manifest.json   documents, tokens, dtype, the tokenizer (path, sha256), the sources (path,
-          bytes, mtime_ns), the settings, skipped documents counted by reason, the file sizes
+  P.bin/.idx   Megatron's MMIDIDX v1 shard (format: megatron_llm/data/indexed.py): every
+          document's token ids followed by the EOS id; uint16 when the vocabulary has fewer than
+          65500 ids, else int32. With --shard-size S: shards P_00000, P_00001, ..., each ending
+          at the first document boundary after S bytes of input.
+  P.manifest.json   the shards (documents, tokens, file sizes, input position they end at),
+          totals, dtype, the tokenizer (path, sha256), the sources (path, bytes, mtime_ns), the
+          settings, bad documents skipped by reason (format: data_tools/shards.py)
 
-Every file is written under a temporary name and renamed into place (.bin, then .idx, then the
-manifest), so a reader never sees half a shard, and a manifest only describes finished files. A
-rerun whose manifest matches the inputs, the tokenizer and the settings reuses the shard.
+Every shard is written under a temporary name and renamed into place when complete, then the
+manifest is rewritten to list it, so a reader never sees half a shard. A rerun whose manifest
+matches the inputs, the tokenizer and the settings reuses the output; if the earlier run was
+interrupted, it keeps the complete shards and resumes reading after the last of them (nothing is
+tokenized or written twice). Memory stays flat: documents stream through at most 2 x workers
+chunks of about 1 MB.
 
-Bad documents (malformed JSON, missing key, non-string value, invalid UTF-8, empty document) are
-counted by reason, and the first few are printed as file:line: reason. --on-error fail stops at
-the first one with exit status 1 and leaves no output behind.
+Bad documents (malformed JSON, missing key, non-string value, invalid UTF-8, empty document,
+giant document over --max-doc-bytes) are counted by reason, and the first few are printed as
+file:line: reason. --on-error fail stops at the first one with exit status 1 (keeping only
+shards completed before it).
 """
 
 from __future__ import annotations
@@ -45,7 +48,9 @@ from tqdm import tqdm  # noqa: E402
 
 from data_tools.encoder import Chunk, Encoder  # noqa: E402
 from data_tools.inputs import (  # noqa: E402
+    MAX_DOC_BYTES,
     InputError,
+    Position,
     Record,
     is_json,
     read_records,
@@ -53,24 +58,28 @@ from data_tools.inputs import (  # noqa: E402
     source_fingerprint,
     usable_cpus,
 )
-from data_tools.shards import ShardWriter  # noqa: E402
+from data_tools.shards import (  # noqa: E402
+    MANIFEST_FORMAT,
+    MANIFEST_VERSION,
+    ShardStats,
+    end_of,
+    intact_shards,
+    load_manifest,
+    manifest_path,
+    remove_stale_temporaries,
+    shard_entry,
+    shard_prefix,
+    write_manifest,
+)
+from megatron_llm.data.indexed import ShardWriter  # noqa: E402
 from megatron_llm.data.tokenizer import Tokenizer, TokenizerError  # noqa: E402
 
-MANIFEST_FORMAT = "megatron_llm/preprocess"
-MANIFEST_VERSION = 1
 CHUNK_BYTES = 1 << 20  # text per pool task: big enough to amortize pickling, small for memory
 SHOWN_PROBLEMS = 5
 
 
 class BadInput(Exception):
     """A bad document under --on-error fail; the message starts with file:line."""
-
-
-@dataclass
-class KeyStats:
-    documents: int = 0
-    tokens: int = 0
-    skipped: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass
@@ -85,7 +94,9 @@ class Job:
     txt_doc_per_file: bool
     on_error: str
     workers: int
-    stats: dict[str, KeyStats] = field(default_factory=dict)
+    shard_size: int | None  # input bytes per shard; None: one shard
+    max_doc_bytes: int
+    shards: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # key -> done shards
     problems_shown: list[str] = field(default_factory=list)
     bytes_read: int = 0
     seconds: float = 0.0  # tokenizing and writing, without the one-off imports and pool start
@@ -95,127 +106,210 @@ def output_prefix(base: Path, key: str) -> Path:
     return base.with_name(f"{base.name}_{key}_document")
 
 
-def manifest_path(prefix: Path) -> Path:
-    return prefix.with_name(prefix.name + ".manifest.json")
-
-
 def token_dtype(vocab_size: int) -> type[np.unsignedinteger] | type[np.signedinteger]:
     # Megatron-core's rule (DType.optimal_dtype), so its readers expect the same width.
     return np.uint16 if vocab_size < 65500 else np.int32
 
 
 def identity(job: Job, key: str) -> dict[str, Any]:
-    """The manifest fields that must match for an existing shard to be reused."""
+    """The manifest fields that must match for existing shards to be reused or resumed."""
     return {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
         "json_key": key,
         "sources": job.sources,
         "tokenizer_sha256": job.tokenizer.sha256,
-        "settings": {"txt_doc_per_file": job.txt_doc_per_file, "append_eod": True},
+        "settings": {
+            "txt_doc_per_file": job.txt_doc_per_file,
+            "append_eod": True,
+            "shard_size": job.shard_size,
+            "max_doc_bytes": job.max_doc_bytes,
+        },
     }
 
 
-def load_manifest(prefix: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(manifest_path(prefix).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+def previous_shards(job: Job, force: bool) -> tuple[bool, dict[str, list[dict[str, Any]]]]:
+    """(all done, the shards per key a rerun keeps). Every key keeps the same number."""
+    kept: dict[str, list[dict[str, Any]]] = {}
+    complete = True
+    for key, prefix in job.prefixes.items():
+        m = None if force else load_manifest(prefix)
+        if m is None or any(m.get(k) != v for k, v in identity(job, key).items()):
+            return False, {k: [] for k in job.prefixes}
+        kept[key] = intact_shards(m)
+        complete = complete and m.get("complete") is True and kept[key] == m.get("shards")
+    count = min(len(v) for v in kept.values())
+    return complete, {k: v[:count] for k, v in kept.items()}
 
 
-def up_to_date(job: Job, key: str) -> bool:
-    prefix = job.prefixes[key]
-    manifest = load_manifest(prefix)
-    if manifest is None or any(manifest.get(k) != v for k, v in identity(job, key).items()):
-        return False
-    files = manifest.get("files", {})
-    return all(
-        Path(f"{prefix}{ext}").is_file() and Path(f"{prefix}{ext}").stat().st_size == files.get(ext)
-        for ext in (".bin", ".idx")
-    )
+def screen(job: Job, record: Record, skipped: dict[str, Counter[str]]) -> None:
+    """Count and show a record's problems, or raise under --on-error fail."""
+    details = dict.fromkeys(p.detail for p in record.problems.values())
+    if details and job.on_error == "fail":
+        raise BadInput(f"{record.where()}: {next(iter(details))}")
+    for key, problem in record.problems.items():
+        skipped[key][problem.reason] += 1
+    for detail in details:
+        if len(job.problems_shown) < SHOWN_PROBLEMS:
+            job.problems_shown.append(f"{record.where()}: {detail}")
 
 
-def screened(job: Job, records: Iterator[Record]) -> Iterator[Record]:
-    """Count and show each record's problems (or raise under --on-error fail), pass it on."""
-    for record in records:
-        details = dict.fromkeys(p.detail for p in record.problems.values())
-        if details and job.on_error == "fail":
-            raise BadInput(f"{record.where()}: {next(iter(details))}")
-        for key, problem in record.problems.items():
-            job.stats[key].skipped[problem.reason] += 1
-        for detail in details:
-            if len(job.problems_shown) < SHOWN_PROBLEMS:
-                job.problems_shown.append(f"{record.where()}: {detail}")
-        yield record
+def all_records(job: Job, start: tuple[int, Position]) -> Iterator[tuple[int, Record]]:
+    keys = list(job.prefixes)
+    for index in range(start[0], len(job.paths)):
+        position = start[1] if index == start[0] else Position()
+        for record in read_records(
+            job.paths[index], keys, job.txt_doc_per_file, position, job.max_doc_bytes
+        ):
+            yield index, record
 
 
-def chunked(records: Iterator[Record]) -> Iterator[Chunk]:
-    chunk = Chunk()
-    for record in records:
+def chunked(job: Job, start: tuple[int, Position]) -> Iterator[Chunk]:
+    """Chunks of records from ``start``; a chunk also ends where a shard must end."""
+
+    def new() -> Chunk:
+        return Chunk(end=start, skipped={key: Counter() for key in job.prefixes})
+
+    chunk, in_shard = new(), 0
+    for index, record in all_records(job, start):
+        screen(job, record, chunk.skipped)
         chunk.items.extend(record.texts.items())
         chunk.nbytes += record.nbytes
-        if chunk.nbytes >= CHUNK_BYTES:
+        chunk.end = (index, record.end)
+        in_shard += record.nbytes
+        if job.shard_size is not None and in_shard >= job.shard_size:
+            chunk.last_of_shard, in_shard = True, 0
+        if chunk.last_of_shard or chunk.nbytes >= CHUNK_BYTES:
             yield chunk
-            chunk = Chunk()
+            chunk = new()
     if chunk.nbytes:
+        chunk.last_of_shard = True
         yield chunk
 
 
-def all_records(job: Job) -> Iterator[Record]:
-    keys = list(job.prefixes)
-    for path in job.paths:
-        yield from read_records(path, keys, job.txt_doc_per_file)
+class Output:
+    """The shard being written for every key, and committing it with its manifest entry."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.writers: dict[str, ShardWriter] = {}
+        self.stats = {key: ShardStats() for key in job.prefixes}
+
+    def add(self, key: str, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        if key not in self.writers:
+            number = len(self.job.shards[key])
+            name = shard_prefix(self.job.prefixes[key], number, self.job.shard_size is not None)
+            self.writers[key] = ShardWriter(name, self.job.dtype)
+        self.writers[key].add(tokens, lengths)
+        self.stats[key].documents += len(lengths)
+        self.stats[key].tokens += int(lengths.sum())
+
+    def finish_shard(self, end: tuple[int, Position]) -> None:
+        for key in self.job.prefixes:
+            if key not in self.writers:
+                self.add(key, np.zeros(0, self.job.dtype), np.zeros(0, np.int32))
+            writer = self.writers.pop(key)
+            writer.commit()
+            entry = shard_entry(Path(writer.prefix), self.stats[key], end)
+            self.job.shards[key].append(entry)
+            write_manifest(self.job.prefixes[key], manifest(self.job, key, complete=False))
+        self.stats = {key: ShardStats() for key in self.job.prefixes}
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            writer.abort()
 
 
-def tokenize_into(job: Job, writers: dict[str, ShardWriter]) -> None:
-    gz = any(p.name.endswith(".gz") for p in job.paths)
-    total = None if gz else sum(p.stat().st_size for p in job.paths)
+def split_by_key(chunk: Chunk, tokens: np.ndarray, lengths: np.ndarray) -> Iterator[tuple]:
+    keys = [key for key, _ in chunk.items]
+    if len(set(keys)) <= 1:
+        if keys:
+            yield keys[0], tokens, lengths
+        return
+    ends = np.cumsum(lengths)
+    for key in dict.fromkeys(keys):
+        picked = [i for i, k in enumerate(keys) if k == key]
+        parts = [tokens[ends[i] - lengths[i] : ends[i]] for i in picked]
+        yield key, np.concatenate(parts), lengths[picked]
+
+
+def tokenize_into(job: Job, output: Output, start: tuple[int, Position]) -> None:
+    total = None
+    if not any(p.name.endswith(".gz") for p in job.paths):
+        total = sum(p.stat().st_size for p in job.paths)
+        done = sum(p.stat().st_size for p in job.paths[: start[0]]) + start[1].offset
+    documents = tokens = 0
     with Encoder(job.tokenizer, job.dtype, job.workers) as encoder:
-        start = time.perf_counter()
+        begin = time.perf_counter()
         with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing") as bar:
-            for chunk, arrays in encoder.map(chunked(screened(job, all_records(job)))):
-                for (key, _), tokens in zip(chunk.items, arrays):
-                    writers[key].add(tokens)
-                    job.stats[key].documents += 1
-                    job.stats[key].tokens += len(tokens)
+            if total is not None:
+                bar.update(done)
+            for chunk, (chunk_tokens, lengths) in encoder.map(chunked(job, start)):
+                for key, key_tokens, key_lengths in split_by_key(chunk, chunk_tokens, lengths):
+                    output.add(key, key_tokens, key_lengths)
+                for key, counts in chunk.skipped.items():
+                    output.stats[key].skipped.update(counts)
+                if chunk.last_of_shard:
+                    output.finish_shard(chunk.end)
                 job.bytes_read += chunk.nbytes
+                documents, tokens = documents + len(lengths), tokens + len(chunk_tokens)
                 bar.update(chunk.nbytes)
-                docs = sum(s.documents for s in job.stats.values())
-                bar.set_postfix_str(f"{docs / (time.perf_counter() - start):,.0f} docs/s")
-        job.seconds = time.perf_counter() - start
+                seconds = time.perf_counter() - begin
+                bar.set_postfix_str(
+                    f"{documents / seconds:,.0f} docs/s, {tokens / seconds:,.0f} tokens/s"
+                )
+        job.seconds = time.perf_counter() - begin
 
 
-def manifest(job: Job, key: str) -> dict[str, Any]:
-    stats = job.stats[key]
+def totals(job: Job, key: str) -> ShardStats:
+    out = ShardStats()
+    for shard in job.shards[key]:
+        out.documents += shard["documents"]
+        out.tokens += shard["tokens"]
+        out.skipped.update(shard["skipped"])
+    return out
+
+
+def manifest(job: Job, key: str, complete: bool) -> dict[str, Any]:
+    total = totals(job, key)
+    shards = job.shards[key]
+    single = job.shard_size is None and len(shards) == 1
     return {
         **identity(job, key),
+        "complete": complete,
         "prefix": str(job.prefixes[key]),
-        "documents": stats.documents,
-        "tokens": stats.tokens,
+        "documents": total.documents,
+        "tokens": total.tokens,
         "dtype": np.dtype(job.dtype).name,
         "tokenizer": {
             "path": str(job.tokenizer.path),
             "vocab_size": job.tokenizer.vocab_size,
             "eod": job.tokenizer.eod,
         },
-        "skipped": dict(sorted(stats.skipped.items())),
+        "skipped": dict(sorted(total.skipped.items())),
         "encoding": "lines" if job.tokenizer.line_split_exact else "whole documents",
+        "shards": shards,
+        **({"files": shards[0]["files"]} if single else {}),
     }
 
 
 def run(job: Job) -> None:
-    """Tokenize every input into all outputs; commit them all, or leave nothing."""
-    writers = {key: ShardWriter(prefix, job.dtype) for key, prefix in job.prefixes.items()}
+    """Tokenize the inputs from where the kept shards end; commit shard by shard."""
+    kept = next(iter(job.shards.values()))
+    start = end_of(kept[-1]) if kept else (0, Position())
+    if job.shard_size is None:
+        for prefix in job.prefixes.values():
+            manifest_path(prefix).unlink(missing_ok=True)  # the old shard is about to go
+    output = Output(job)
     try:
-        tokenize_into(job, writers)
-        empty = [key for key in writers if job.stats[key].documents == 0]
-        if empty:
-            raise BadInput(f"no usable documents for key(s) {', '.join(map(repr, empty))}")
-        for key, writer in writers.items():
-            writer.commit(manifest(job, key))
+        tokenize_into(job, output, start)
     finally:
-        for writer in writers.values():
-            writer.abort()  # no-op for committed writers
+        output.abort()  # anything not committed: a partial shard is never renamed into place
+    empty = [key for key in job.prefixes if totals(job, key).documents == 0]
+    if empty:
+        raise BadInput(f"no usable documents for key(s) {', '.join(map(repr, empty))}")
+    for key, prefix in job.prefixes.items():
+        write_manifest(prefix, manifest(job, key, complete=True))
 
 
 def plan(args: argparse.Namespace) -> Job:
@@ -227,7 +321,7 @@ def plan(args: argparse.Namespace) -> Job:
             f"{next(p for p in paths if not is_json(p))} is a text file"
         )
     tokenizer = Tokenizer(args.tokenizer)
-    job = Job(
+    return Job(
         paths=paths,
         sources=source_fingerprint(paths),
         prefixes={key: output_prefix(args.output_prefix, key) for key in keys},
@@ -236,9 +330,23 @@ def plan(args: argparse.Namespace) -> Job:
         txt_doc_per_file=args.txt_doc_per_file,
         on_error=args.on_error,
         workers=args.workers,
+        shard_size=args.shard_size,
+        max_doc_bytes=args.max_doc_bytes,
     )
-    job.stats = {key: KeyStats() for key in keys}
-    return job
+
+
+def parse_size(text: str) -> int:
+    units = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "KB": 1e3, "MB": 1e6, "GB": 1e9}
+    number = text.upper().rstrip("B") + ("B" if text.upper().endswith("B") else "")
+    digits = number.rstrip("KMGB")
+    unit = number[len(digits) :]
+    try:
+        value = int(float(digits) * units[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected bytes like 500M or 2G") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1 byte")
+    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -267,46 +375,73 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--workers", type=int, default=usable_cpus(), help="tokenizing processes (default: cores)"
     )
     p.add_argument("--on-error", choices=["skip", "fail"], default="skip", help="on a bad document")
+    p.add_argument(
+        "--shard-size",
+        type=parse_size,
+        help="input bytes per output shard, e.g. 2G (default: one shard); a rerun after a crash "
+        "keeps complete shards and resumes after them",
+    )
+    p.add_argument(
+        "--max-doc-bytes",
+        type=parse_size,
+        default=MAX_DOC_BYTES,
+        help=f"longer documents are skipped as giant (default {MAX_DOC_BYTES >> 20}Mi)",
+    )
     p.add_argument("--force", action="store_true", help="rebuild even if the manifest matches")
-    p.add_argument("--summary-json", type=Path, help="also write the summary here as JSON")
+    p.add_argument(
+        "--summary-json", type=Path, help="also write the summary here as JSON ('-': stdout)"
+    )
     return p.parse_args(argv)
 
 
 def summary(job: Job, reused: bool) -> dict[str, Any]:
+    seconds = max(job.seconds, 1e-9)
+    outputs = []
+    for key in job.prefixes:
+        total = totals(job, key)
+        outputs.append(
+            {
+                "prefix": str(job.prefixes[key]),
+                "json_key": key,
+                "shards": [s["prefix"] for s in job.shards[key]],
+                "documents": total.documents,
+                "tokens": total.tokens,
+                "skipped": dict(sorted(total.skipped.items())),
+            }
+        )
+    tokens = sum(o["tokens"] for o in outputs)
     return {
         "reused": reused,
         "seconds": round(job.seconds, 3),
         "bytes": job.bytes_read,
         "workers": job.workers,
-        "outputs": [
-            {
-                "prefix": str(job.prefixes[key]),
-                "json_key": key,
-                "documents": s.documents,
-                "tokens": s.tokens,
-                "skipped": dict(sorted(s.skipped.items())),
-            }
-            for key, s in job.stats.items()
-        ],
+        "mb_per_s": round(job.bytes_read / 1e6 / seconds, 3) if job.seconds else None,
+        "tokens_per_s": round(tokens / seconds) if job.seconds else None,
+        "outputs": outputs,
     }
 
 
-def report(job: Job, result: dict[str, Any]) -> None:
+def report(job: Job, result: dict[str, Any], resumed: int) -> None:
     if job.problems_shown:
         print("skipped bad documents; the first ones:", file=sys.stderr)
         for line in job.problems_shown:
             print(f"  {line}", file=sys.stderr)
+    if resumed:
+        print(f"resumed after {resumed} complete shard(s) of an earlier run")
     seconds = max(result["seconds"], 1e-9)
     for out in result["outputs"]:
         skipped = ", ".join(f"{n} {why}" for why, n in out["skipped"].items()) or "none"
+        where = f"{out['prefix']}.bin/.idx"
+        if job.shard_size is not None:
+            where = f"{len(out['shards'])} shards {out['prefix']}_NNNNN.bin/.idx"
         print(
-            f"wrote {out['prefix']}.bin/.idx: {out['documents']:_} documents, "
-            f"{out['tokens']:_} tokens; skipped: {skipped}"
+            f"wrote {where}: {out['documents']:_} documents, {out['tokens']:_} tokens; "
+            f"skipped: {skipped}"
         )
     docs = sum(o["documents"] for o in result["outputs"])
     print(
         f"{result['bytes'] / 1e6:.1f} MB in {seconds:.1f}s with {job.workers} worker(s): "
-        f"{result['bytes'] / 1e6 / seconds:.2f} MB/s, {docs / seconds:,.0f} docs/s"
+        f"{result['bytes'] / 1e6 / seconds:.2f} MB/s, {docs / seconds:,.0f} docs/s (this run)"
     )
 
 
@@ -320,29 +455,32 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, TokenizerError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    reused = not args.force and all(up_to_date(job, key) for key in job.prefixes)
+    reused, job.shards = previous_shards(job, args.force)
+    resumed = len(next(iter(job.shards.values())))
     if reused:
-        for key, prefix in job.prefixes.items():
-            m = load_manifest(prefix) or {}
-            job.stats[key] = KeyStats(
-                m.get("documents", 0), m.get("tokens", 0), Counter(m.get("skipped", {}))
-            )
+        for prefix in job.prefixes.values():
             print(f"reusing {prefix}: the manifest matches inputs and tokenizer (--force redoes)")
     else:
         for prefix in job.prefixes.values():
             prefix.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(prefix)
         try:
             run(job)
         except BadInput as e:
-            print(f"error: {e}; no output written", file=sys.stderr)
+            kept = "; the complete shards are kept" if job.shard_size else "; no output written"
+            print(f"error: {e}{kept}", file=sys.stderr)
             if job.on_error == "fail":
                 print("  (--on-error skip counts and skips bad documents)", file=sys.stderr)
             return 1
     result = summary(job, reused)
     if not reused:
-        report(job, result)
+        report(job, result, resumed)
     if args.summary_json:
-        args.summary_json.write_text(json.dumps(result, indent=2) + "\n")
+        text = json.dumps(result, indent=2) + "\n"
+        if str(args.summary_json) == "-":
+            print(text, end="")
+        else:
+            args.summary_json.write_text(text)
     return 0
 
 

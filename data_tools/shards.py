@@ -1,60 +1,95 @@
-"""Writing one token shard (.bin/.idx) atomically with megatron-core's IndexedDatasetBuilder."""
+"""The output of one --json-keys key: its shards and the manifest that vouches for them.
+
+Without --shard-size there is one shard, PREFIX.bin/.idx. With it, shards are PREFIX_00000,
+PREFIX_00001, ...: shard n ends at the first document boundary after n+1 times --shard-size
+bytes of input (counted from where shard n began), so the boundaries depend on the input
+alone, never on the number of workers or on where an earlier run stopped.
+
+PREFIX.manifest.json (format "megatron_llm/preprocess", version 2) holds what made the output
+(sources with sizes and mtimes, tokenizer sha256, settings), ``complete`` (false while a run is
+under way), and ``shards``: for each finished shard its prefix, documents, tokens, bad documents
+skipped by reason, file sizes, and ``end``, the input position after its last document. It is
+rewritten (temp name, then rename) after each shard is renamed into place, so it only ever
+lists complete shards; a rerun keeps those whose files still have the listed sizes and resumes
+reading the input at the end of the last one.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import warnings
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from data_tools.inputs import Position
+
+MANIFEST_FORMAT = "megatron_llm/preprocess"
+MANIFEST_VERSION = 2
 
 
-def _indexed_dataset_builder() -> type:
-    # Imported on first use: megatron.core pulls in torch (seconds), which reuse runs and
-    # tokenizing workers never need. Its import warns that Transformer Engine and Apex are
-    # missing, which is irrelevant to writing shards.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-    return IndexedDatasetBuilder
+def shard_prefix(prefix: Path, number: int, sharded: bool) -> Path:
+    return prefix.with_name(f"{prefix.name}_{number:05d}") if sharded else prefix
 
 
-class ShardWriter:
-    """Documents go to PREFIX.tmp-PID.bin; commit() renames .bin, .idx, then writes the manifest.
+def manifest_path(prefix: Path) -> Path:
+    return prefix.with_name(prefix.name + ".manifest.json")
 
-    Until commit() nothing at PREFIX changes, so a failed or interrupted run leaves the previous
-    shard (if any) intact; abort() removes the temporary files.
-    """
 
-    def __init__(self, prefix: Path, dtype: type) -> None:
-        self.prefix = prefix
-        self.tmp = prefix.with_name(f"{prefix.name}.tmp-{os.getpid()}")
-        self.builder = _indexed_dataset_builder()(f"{self.tmp}.bin", dtype=dtype)
-        self.done = False
+def load_manifest(prefix: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(manifest_path(prefix).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
-    def add(self, tokens: np.ndarray) -> None:
-        self.builder.add_document(tokens, [len(tokens)])  # one sequence per document
 
-    def commit(self, manifest: dict[str, Any]) -> None:
-        self.builder.finalize(f"{self.tmp}.idx")
-        manifest_file = self.prefix.with_name(self.prefix.name + ".manifest.json")
-        # The old manifest goes first: from here until the new one lands, the shard is not
-        # vouched for, so a crash in between makes the next run rebuild rather than reuse.
-        manifest_file.unlink(missing_ok=True)
-        os.replace(f"{self.tmp}.bin", f"{self.prefix}.bin")
-        os.replace(f"{self.tmp}.idx", f"{self.prefix}.idx")
-        files = {ext: os.path.getsize(f"{self.prefix}{ext}") for ext in (".bin", ".idx")}
-        tmp_manifest = manifest_file.with_name(manifest_file.name + ".tmp")
-        tmp_manifest.write_text(json.dumps({**manifest, "files": files}, indent=2) + "\n")
-        os.replace(tmp_manifest, manifest_file)
-        self.done = True
+def write_manifest(prefix: Path, manifest: dict[str, Any]) -> None:
+    path = manifest_path(prefix)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, path)
 
-    def abort(self) -> None:
-        if self.done:
-            return
-        self.builder.data_file.close()
-        for ext in (".bin", ".idx"):
-            Path(f"{self.tmp}{ext}").unlink(missing_ok=True)
-        self.done = True
+
+@dataclass
+class ShardStats:
+    documents: int = 0
+    tokens: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+
+
+def shard_entry(prefix: Path, stats: ShardStats, end: tuple[int, Position]) -> dict[str, Any]:
+    return {
+        "prefix": str(prefix),
+        "documents": stats.documents,
+        "tokens": stats.tokens,
+        "skipped": dict(sorted(stats.skipped.items())),
+        "files": {ext: os.path.getsize(f"{prefix}{ext}") for ext in (".bin", ".idx")},
+        "end": {"file": end[0], "offset": end[1].offset, "line": end[1].line},
+    }
+
+
+def intact_shards(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The manifest's shards, up to the first whose files are missing or changed size."""
+    kept = []
+    for shard in manifest.get("shards", []):
+        files = shard.get("files", {})
+        if not all(
+            Path(f"{shard['prefix']}{ext}").is_file()
+            and os.path.getsize(f"{shard['prefix']}{ext}") == files.get(ext)
+            for ext in (".bin", ".idx")
+        ):
+            break
+        kept.append(shard)
+    return kept
+
+
+def end_of(shard: dict[str, Any]) -> tuple[int, Position]:
+    end = shard["end"]
+    return end["file"], Position(end["offset"], end["line"])
+
+
+def remove_stale_temporaries(prefix: Path) -> None:
+    # Left by a run that was killed: PREFIX[_NNNNN].tmp-PID.bin/.idx. Never read by anyone.
+    for path in prefix.parent.glob(f"{prefix.name}*.tmp-*"):
+        path.unlink(missing_ok=True)
