@@ -50,6 +50,12 @@ class RunConfig:
                 "parallelism; use parallel.zero_stage=1 or parallel.pp=1"
             )
         self.model.check_divisible_by_tp(self.parallel.tp)
+        if self.parallel.sequence_parallel and self.model.seq_length % self.parallel.tp:
+            raise ValueError(
+                f"model.seq_length={self.model.seq_length} is not divisible by parallel.tp="
+                f"{self.parallel.tp}; sequence parallelism splits every sequence evenly across "
+                "the tensor-parallel ranks"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

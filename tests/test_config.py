@@ -72,6 +72,31 @@ def test_cross_section_checks():
         load_config(None, ["parallel.tp=8"])
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.num_heads=6", "model.hidden_size=96"], "model.num_heads=6 is not divisible"),
+        (
+            ["model.style=llama", "model.num_kv_heads=1"],
+            "model.num_kv_heads=1 is not divisible by parallel.tp=4",
+        ),
+        (["model.ffn_hidden_size=130"], "model.ffn_hidden_size=130 is not divisible"),
+        (
+            ["model.seq_length=30", "parallel.sequence_parallel=true"],
+            "model.seq_length=30 is not divisible by parallel.tp=4; sequence parallelism",
+        ),
+        (["parallel.tp=1", "parallel.sequence_parallel=true"], "needs parallel.tp > 1"),
+    ],
+)
+def test_tensor_parallel_shape_checks(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["parallel.tp=4", *overrides])
+    assert message in str(e.value)
+    # The same shapes are fine without tensor parallelism (sequence parallelism aside).
+    if "sequence_parallel" not in " ".join(overrides):
+        load_config(None, ["parallel.tp=1", *overrides])
+
+
 def test_bad_file_errors_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "missing.yaml")

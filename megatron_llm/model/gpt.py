@@ -1,11 +1,14 @@
 """The decoder: GPT-2 style or Llama style, chosen by ModelConfig.
 
 Reads as a single-device model, top to bottom: norm, rotary embedding, attention, MLP, block,
-model. Parallelism is applied from outside; nothing here reads globals.
+model. Parallelism is applied from outside (megatron_llm.parallel.shard swaps the linear
+layers, the embedding, the norms and the loss for tensor-parallel ones); nothing here reads
+globals.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -25,9 +28,24 @@ class Norm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cfg.hidden_size)) if cfg.norm == "layernorm" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normalize(x, self.weight, self.bias)
+
+    def normalize(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         if self.kind == "rmsnorm":
-            return kernels.rms_norm(x, self.weight, self.eps)
-        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+            return kernels.rms_norm(x, weight, self.eps)
+        return kernels.layer_norm(x, weight, bias, self.eps)
+
+
+class Embedding(nn.Embedding):
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """The tied output head: logits against every embedding row."""
+        return F.linear(x, self.weight)  # (batch, seq, vocab)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
 
 
 class Rotary(nn.Module):
@@ -54,11 +72,7 @@ class Rotary(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-        )
+        self.head_dim = cfg.head_dim
         # Separate q/k/v projections: each splits cleanly by heads under tensor parallelism,
         # grouped-query attention included.
         self.q = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.bias)
@@ -67,19 +81,22 @@ class Attention(nn.Module):
         self.out = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.bias)
         self.rotary = Rotary(cfg) if cfg.position == "rope" else None
         self.dropout = cfg.attention_dropout
+        # Tensor parallelism splits the heads, so their dropout needs a per-rank RNG stream.
+        self.dropout_rng = contextlib.nullcontext
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq, _ = x.shape
+        # Head counts come from the shapes: under tensor parallelism a rank holds some heads.
         # (batch, seq, heads * head_dim) -> (batch, heads, seq, head_dim)
-        q = self.q(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = (
+            proj(x).unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
+            for proj in (self.q, self.k, self.v)
+        )
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
-        y = kernels.causal_attention(q, k, v, self.dropout if self.training else 0.0)
+        with self.dropout_rng():
+            y = kernels.causal_attention(q, k, v, self.dropout if self.training else 0.0)
         # (batch, heads, seq, head_dim) -> (batch, seq, heads * head_dim)
-        y = y.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
-        return self.out(y)
+        return self.out(y.transpose(1, 2).flatten(2))
 
 
 class MLP(nn.Module):
@@ -120,16 +137,19 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
-        self.embed = nn.Embedding(vocab_size, cfg.hidden_size)
+        self.embed = Embedding(vocab_size, cfg.hidden_size)
         self.pos_embed = (
             nn.Embedding(cfg.seq_length, cfg.hidden_size) if cfg.position == "learned" else None
         )
+        # Sequence parallelism swaps in a scatter: the blocks then see a shard of the sequence.
+        self.scatter_sequence: nn.Module = nn.Identity()
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.final_norm = Norm(cfg)
         self.head = (
             None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, vocab_size, bias=False)
         )
+        self.loss_fn = cross_entropy  # vocab-parallel under tensor parallelism
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -156,15 +176,15 @@ class GPT(nn.Module):
         x = self.embed(tokens)  # (batch, seq, hidden)
         if self.pos_embed is not None:
             x = x + self.pos_embed(torch.arange(seq, device=tokens.device))
-        x = self.dropout(x)
+        x = self.dropout(self.scatter_sequence(x))
         for block in self.blocks:
             x = block(x)
         x = self.final_norm(x)
-        weight = self.embed.weight if self.head is None else self.head.weight
-        logits = F.linear(x, weight)  # (batch, seq, vocab)
+        # (batch, seq, vocab); under tensor parallelism each rank holds a slice of the vocab
+        logits = self.embed.attend(x) if self.head is None else self.head(x)
         if labels is None:
             return logits
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
+        return self.loss_fn(logits, labels)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

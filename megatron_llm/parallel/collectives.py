@@ -1,0 +1,123 @@
+"""Tensor- and sequence-parallel collectives as tiny autograd Functions.
+
+Each is named for its forward/backward pair. Activations are (batch, seq, hidden); sequence
+parallelism splits dim 1. Only plain all_reduce / all_gather are used, because gloo (our CPU
+backend) has no reduce_scatter; megatron-core's versions also allocate on CUDA, so they cannot
+run on CPU ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+SEQ_DIM = 1
+
+
+def _all_reduce(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    x = x.contiguous().clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    return x
+
+
+def _all_gather(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x, group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _my_chunk(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    if x.shape[dim] % size:
+        raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split over {size} ranks")
+    return x.chunk(size, dim=dim)[rank].contiguous()
+
+
+def _reduce_scatter(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
+    # All-reduce then keep our chunk: twice the traffic of a true reduce-scatter, but gloo has none.
+    return _my_chunk(_all_reduce(x, group), group, dim)
+
+
+class CopyToTensorParallel(torch.autograd.Function):
+    """Identity forward, all-reduce backward: a replicated input entering split computation."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _all_reduce(grad, ctx.group), None
+
+
+class ReduceFromTensorParallel(torch.autograd.Function):
+    """All-reduce forward, identity backward: partial sums leaving split computation."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class ScatterToSequenceParallel(torch.autograd.Function):
+    """Keep my sequence chunk forward, all-gather backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return _my_chunk(x, group, SEQ_DIM)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _all_gather(grad, ctx.group, SEQ_DIM), None
+
+
+class GatherFromSequenceParallel(torch.autograd.Function):
+    """All-gather the sequence forward, reduce-scatter backward (before a column-parallel op)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return _all_gather(x, group, SEQ_DIM)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _reduce_scatter(grad, ctx.group, SEQ_DIM), None
+
+
+class ReduceScatterToSequenceParallel(torch.autograd.Function):
+    """Reduce-scatter over the sequence forward, all-gather backward (after a row-parallel op)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return _reduce_scatter(x, group, SEQ_DIM)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _all_gather(grad, ctx.group, SEQ_DIM), None
+
+
+def copy_to_tp(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    return CopyToTensorParallel.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    return ReduceFromTensorParallel.apply(x, group)
+
+
+def scatter_to_sp(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    return ScatterToSequenceParallel.apply(x, group)
+
+
+def gather_from_sp(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    return GatherFromSequenceParallel.apply(x, group)
+
+
+def reduce_scatter_to_sp(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    return ReduceScatterToSequenceParallel.apply(x, group)

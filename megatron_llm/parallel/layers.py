@@ -1,0 +1,199 @@
+"""Tensor-parallel layers, each built from the single-device layer it replaces.
+
+``from_dense`` takes the full layer (initialised from the seed exactly as at tp=1) and keeps
+this rank's shard, so the model starts from the same weights whatever tp is. Sharded parameters
+carry ``tensor_model_parallel = True`` and ``partition_dim``: DeepSpeed's gradient-norm code
+counts such parameters on every tp rank and the others (replicated) on tp rank 0 only.
+
+Our own layers rather than megatron-core's: its layers read its global ``parallel_state`` or
+allocate on CUDA in the sequence-parallel collectives, and we pass groups explicitly on CPU ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_llm.model.gpt import Embedding, Norm
+from megatron_llm.parallel.collectives import (
+    copy_to_tp,
+    gather_from_sp,
+    reduce_from_tp,
+    reduce_scatter_to_sp,
+    scatter_to_sp,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorParallel:
+    group: dist.ProcessGroup
+    rank: int
+    size: int
+    sequence_parallel: bool  # activations outside the parallel linears are sequence shards
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """Input of a column-parallel op: the whole sequence, gradients summed over tp."""
+        return (
+            gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+        )
+
+    def leave(self, x: torch.Tensor) -> torch.Tensor:
+        """Output of a row-parallel op: partial sums reduced (and re-split under sp)."""
+        if self.sequence_parallel:
+            return reduce_scatter_to_sp(x, self.group)
+        return reduce_from_tp(x, self.group)
+
+
+def _shard(p: torch.Tensor, tp: TensorParallel, dim: int) -> nn.Parameter:
+    shard = nn.Parameter(p.detach().chunk(tp.size, dim=dim)[tp.rank].clone())
+    shard.tensor_model_parallel = True  # DeepSpeed: counted once per shard in the grad norm
+    shard.partition_dim = dim
+    return shard
+
+
+def _replicated_on_shards(p: torch.Tensor | None, tp: TensorParallel) -> torch.Tensor | None:
+    # A replicated parameter applied to a sequence shard sees part of the batch: sum its
+    # gradient over the tp group (identity forward, all-reduce backward).
+    if p is None or not tp.sequence_parallel:
+        return p
+    return copy_to_tp(p, tp.group)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with W's output rows (heads, ffn columns, vocab) split across tp ranks."""
+
+    def __init__(self, dense: nn.Linear, tp: TensorParallel) -> None:
+        super().__init__()
+        self.tp = tp
+        self.weight = _shard(dense.weight, tp, 0)
+        self.bias = None if dense.bias is None else _shard(dense.bias, tp, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.tp.enter(x), self.weight, self.bias)  # (batch, seq, out / tp)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with W's input columns split; the bias is replicated."""
+
+    def __init__(self, dense: nn.Linear, tp: TensorParallel) -> None:
+        super().__init__()
+        self.tp = tp
+        self.weight = _shard(dense.weight, tp, 1)
+        self.bias = None if dense.bias is None else nn.Parameter(dense.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.tp.leave(F.linear(x, self.weight))  # (batch, seq or seq / tp, out)
+        bias = _replicated_on_shards(self.bias, self.tp)
+        return y if bias is None else y + bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding rows split by vocabulary; ``attend`` gives this rank's slice of the logits."""
+
+    def __init__(self, dense: Embedding, tp: TensorParallel) -> None:
+        super().__init__()
+        rows = dense.num_embeddings // tp.size
+        self.tp = tp
+        self.vocab_start = tp.rank * rows
+        self.weight = _shard(dense.weight, tp, 0)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        local = tokens - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        x = F.embedding(local.masked_fill(outside, 0), self.weight)  # (batch, seq, hidden)
+        x = x.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp(x, self.tp.group)  # every rank contributed its rows
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.tp.enter(x), self.weight)  # (batch, seq, vocab / tp)
+
+
+class SequenceParallelNorm(Norm):
+    """The same norm on a sequence shard; its gains' gradients are summed over tp."""
+
+    def __init__(self, norm: Norm, tp: TensorParallel) -> None:
+        nn.Module.__init__(self)
+        self.kind, self.eps, self.tp = norm.kind, norm.eps, tp
+        self.weight, self.bias = norm.weight, norm.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = _replicated_on_shards(self.weight, self.tp)
+        return self.normalize(x, weight, _replicated_on_shards(self.bias, self.tp))
+
+
+class ScatterSequence(nn.Module):
+    """Enter sequence parallelism: keep this rank's chunk of the sequence."""
+
+    def __init__(self, tp: TensorParallel) -> None:
+        super().__init__()
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return scatter_to_sp(x, self.tp.group)  # (batch, seq / tp, hidden)
+
+
+class ForkedDropout(nn.Dropout):
+    """Dropout on a tensor split across tp ranks: its own RNG stream, different on each rank."""
+
+    def __init__(self, p: float, rng: Callable[[], AbstractContextManager]) -> None:
+        super().__init__(p)
+        self.rng = rng
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.rng():
+            return super().forward(x)
+
+
+class VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy over logits split by vocabulary; the full logits are never gathered.
+
+    Forward all-reduces three (tokens,)-sized vectors: the max, the target logit and the sum
+    of exponentials. Backward needs no communication: softmax minus one-hot, locally.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, vocab_start, group):  # noqa: ANN001, ANN205
+        logits = logits.float()  # (tokens, vocab / tp)
+        vocab = logits.shape[-1]
+        top = logits.max(dim=-1).values
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        z = logits - top.unsqueeze(-1)
+        local = labels - vocab_start
+        mine = (local >= 0) & (local < vocab)
+        local = local.masked_fill(~mine, 0)
+        target = z.gather(1, local.unsqueeze(-1)).squeeze(-1) * mine
+        dist.all_reduce(target, group=group)
+        exp = z.exp()
+        total = exp.sum(dim=-1)
+        dist.all_reduce(total, group=group)
+        ctx.save_for_backward(exp.div_(total.unsqueeze(-1)), local, mine)
+        return total.log() - target  # (tokens,)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        softmax, local, mine = ctx.saved_tensors
+        d = softmax.clone()
+        rows = torch.arange(d.shape[0], device=d.device)
+        d[rows, local] -= mine.to(d.dtype)
+        return d * grad.unsqueeze(-1), None, None, None
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabParallelLoss:
+    """Drop-in for the model's ``loss_fn`` when its logits are split by vocabulary."""
+
+    vocab_start: int
+    group: dist.ProcessGroup
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        flat = logits.reshape(-1, logits.shape[-1])  # (batch * seq, vocab / tp)
+        losses = VocabParallelCrossEntropy.apply(
+            flat, labels.reshape(-1), self.vocab_start, self.group
+        )
+        return losses.mean()

@@ -1,0 +1,67 @@
+"""Turn a single-device GPT into this rank's tensor-parallel shard of it.
+
+The model is first built whole from the seed, so every tp size starts from the same weights;
+``shard_model`` then swaps a few named layers for their parallel versions (megatron_llm.parallel
+.layers) and keeps this rank's slice of each weight:
+
+    q, k, v, fc_in, fc_gate, untied head   column-parallel (heads / ffn / vocab split)
+    attention out, fc_out                  row-parallel, partial sums reduced
+    embedding                              vocab-parallel; the tied head reuses its shard
+    loss                                   vocab-parallel cross-entropy (logits never gathered)
+    norms, residual dropout                on sequence shards when sequence_parallel
+"""
+
+from __future__ import annotations
+
+from megatron_llm.model.gpt import GPT
+from megatron_llm.parallel.groups import ParallelContext
+from megatron_llm.parallel.layers import (
+    ColumnParallelLinear,
+    ForkedDropout,
+    RowParallelLinear,
+    ScatterSequence,
+    SequenceParallelNorm,
+    TensorParallel,
+    VocabParallelEmbedding,
+    VocabParallelLoss,
+)
+from megatron_llm.parallel.random import TensorParallelRNG
+
+
+def shard_model(model: GPT, ctx: ParallelContext, *, sequence_parallel: bool, seed: int) -> GPT:
+    """Shard ``model`` in place for this rank's tp group (no-op at tp=1); returns it."""
+    if ctx.tp == 1:
+        return model
+    if sequence_parallel and model.cfg.seq_length % ctx.tp:
+        raise ValueError(
+            f"model.seq_length={model.cfg.seq_length} is not divisible by parallel.tp={ctx.tp}; "
+            "sequence parallelism splits the sequence evenly"
+        )
+    if model.vocab_size % ctx.tp:
+        raise ValueError(f"vocabulary of {model.vocab_size} rows does not split over tp={ctx.tp}")
+    tp = TensorParallel(
+        group=ctx.tp_group, rank=ctx.tp_rank, size=ctx.tp, sequence_parallel=sequence_parallel
+    )
+    rng = TensorParallelRNG(TensorParallelRNG.seed_for(seed, ctx.tp_rank, ctx.dp_rank))
+    model.embed = VocabParallelEmbedding(model.embed, tp)
+    if model.head is not None:
+        model.head = ColumnParallelLinear(model.head, tp)
+    model.loss_fn = VocabParallelLoss(model.embed.vocab_start, tp.group)
+    for block in model.blocks:
+        attn, mlp = block.attn, block.mlp
+        attn.q, attn.k, attn.v = (ColumnParallelLinear(x, tp) for x in (attn.q, attn.k, attn.v))
+        attn.out = RowParallelLinear(attn.out, tp)
+        attn.dropout_rng = rng.fork
+        mlp.fc_in = ColumnParallelLinear(mlp.fc_in, tp)
+        if mlp.fc_gate is not None:
+            mlp.fc_gate = ColumnParallelLinear(mlp.fc_gate, tp)
+        mlp.fc_out = RowParallelLinear(mlp.fc_out, tp)
+        if sequence_parallel:
+            block.attn_norm = SequenceParallelNorm(block.attn_norm, tp)
+            block.mlp_norm = SequenceParallelNorm(block.mlp_norm, tp)
+            block.dropout = ForkedDropout(block.dropout.p, rng.fork)
+    if sequence_parallel:
+        model.scatter_sequence = ScatterSequence(tp)
+        model.dropout = ForkedDropout(model.dropout.p, rng.fork)
+        model.final_norm = SequenceParallelNorm(model.final_norm, tp)
+    return model
