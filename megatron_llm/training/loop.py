@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from megatron_llm.checkpoint import io as ckpt_io
 from megatron_llm.config import RunConfig
@@ -19,6 +20,7 @@ from megatron_llm.eval.perplexity import perplexity, validation_loss
 from megatron_llm.model import GPT
 from megatron_llm.parallel.engine import build_engine
 from megatron_llm.parallel.groups import ParallelContext, mean_over_dp
+from megatron_llm.parallel.shard import shard_model
 from megatron_llm.training.metrics import MetricsLog
 
 
@@ -28,19 +30,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def local_grad_norm(engine: Any) -> float:
+def local_grad_norm(engine: Any, tp_group: dist.ProcessGroup | None = None) -> float:
     # DeepSpeed records the global norm for ZeRO >= 1 and bf16, not for plain ZeRO 0: there the
-    # gradients are whole and already reduced over data parallelism before step().
-    squares = [
-        p.grad.detach().float().pow(2).sum()
-        for p in engine.module.parameters()
-        if p.grad is not None
-    ]
-    return torch.stack(squares).sum().sqrt().item() if squares else 0.0
+    # gradients are whole and already reduced over data parallelism before step(). Under tensor
+    # parallelism each rank holds one shard of the split parameters (sum their squares over the
+    # tp group) and a full copy of the replicated ones (count them once).
+    split, replicated = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for p in engine.module.parameters():
+        if p.grad is None:
+            continue
+        square = p.grad.detach().double().pow(2).sum()
+        if getattr(p, "tensor_model_parallel", False):
+            split += square
+        else:
+            replicated += square
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        dist.all_reduce(split, group=tp_group)
+    return (split + replicated).sqrt().item()
 
 
 def train_step(
-    engine: Any, batches: Iterator[torch.Tensor], accum: int
+    engine: Any,
+    batches: Iterator[torch.Tensor],
+    accum: int,
+    tp_group: dist.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, float | None]:
     """One optimizer step over ``accum`` micro-batches: (this rank's mean loss, grad norm)."""
     total = torch.zeros(())
@@ -50,7 +63,7 @@ def train_step(
         loss = engine(tokens[:, :-1], tokens[:, 1:])
         engine.backward(loss)
         if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
-            measured = local_grad_norm(engine)  # before step() clips and clears them
+            measured = local_grad_norm(engine, tp_group)  # before step() clips and clears them
         engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         total += loss.detach().float()
     norm = engine.get_global_grad_norm()
@@ -62,6 +75,10 @@ def train(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
     seed_everything(cfg.train.seed)  # the same init on every rank
     tokenizer = Tokenizer(cfg.data.tokenizer)
     model = GPT(cfg.model, cfg.model.padded_vocab_size(tokenizer.vocab_size, ctx.tp))
+    parameters = model.num_parameters()  # the whole model, before this rank keeps its shard
+    model = shard_model(
+        model, ctx, sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.train.seed
+    )
     engine = build_engine(model, cfg, ctx)
     seed_everything(cfg.train.seed + 1 + ctx.dp_rank)  # dropout differs across dp ranks
 
@@ -86,7 +103,7 @@ def train(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
     log = MetricsLog(cfg.logging.dir, enabled=ctx.is_logging_rank)
     tokens_per_step = global_batch * cfg.model.seq_length
     summary: dict[str, Any] = {
-        "parameters": model.num_parameters(),
+        "parameters": parameters,
         "world_size": ctx.world_size,
         "global_batch_size": global_batch,
         "losses": [],
@@ -102,7 +119,7 @@ def train(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
     start = time.perf_counter()
     for step in range(1, t.steps + 1):
         lr = engine.get_lr()[0]  # the rate this step uses; after step() it is the next one's
-        local_loss, grad_norm = train_step(engine, batches, t.grad_accum_steps)
+        local_loss, grad_norm = train_step(engine, batches, t.grad_accum_steps, ctx.tp_group)
         loss = mean_over_dp(local_loss, ctx)
         log.count_tokens(tokens_per_step)
         summary["losses"].append(loss)

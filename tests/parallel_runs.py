@@ -1,0 +1,156 @@
+"""Training runs for the parallel tests, executed on spawned gloo ranks.
+
+A spawn costs seconds of imports per rank, so one spawn trains several layouts in sequence
+on the same ranks; each layout builds its own groups and its own DeepSpeed engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+BASE = [
+    "model.num_layers=2",
+    "model.hidden_size=32",
+    "model.num_heads=4",
+    "model.seq_length=16",
+    "optim.warmup_steps=2",
+    "optim.lr=1e-2",
+    "train.steps=20",
+]
+STYLES = {
+    "gpt2": ["model.style=gpt2"],  # learned positions, tied head, LayerNorm, biases
+    "llama": ["model.style=llama", "model.num_kv_heads=2"],  # RoPE, GQA, untied, RMSNorm
+}
+VOCAB = 64
+GLOBAL_BATCH = 4
+
+
+def layout(style: str, tp: int = 1, dp: int = 1, zero: int = 0, sp: bool = False, **kw) -> list:
+    micro = GLOBAL_BATCH // dp
+    extra = [f"{k.replace('__', '.')}={v}" for k, v in kw.items()]
+    return [
+        *STYLES[style],
+        f"parallel.tp={tp}",
+        f"parallel.dp={dp}",
+        f"parallel.zero_stage={zero}",
+        f"parallel.sequence_parallel={sp}",
+        f"train.micro_batch_size={micro}",
+        *extra,
+    ]
+
+
+def held_bytes(engine: Any) -> int:
+    """Bytes of parameters and optimizer state this rank holds (shared storage counted once)."""
+    tensors = []
+    for p in engine.module.parameters():
+        tensors.append(p.ds_tensor if hasattr(p, "ds_tensor") else p.data)
+    opt = engine.optimizer
+    for flat in getattr(opt, "fp32_partitioned_groups_flat", []):
+        tensors.append(flat)
+    inner = getattr(opt, "optimizer", opt)
+    for state in inner.state.values():
+        tensors += [t for t in state.values() if torch.is_tensor(t) and t.dim() > 0]
+    seen, total = set(), 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def train_layouts(layouts: list[list[str]], measure_memory: bool = False) -> list[dict]:
+    return [train_layout(overrides, measure_memory) for overrides in layouts]
+
+
+def dropout_streams() -> dict:
+    """Dropout masks on a tp=2 group: the default stream and the forked (split-tensor) one."""
+    import torch.nn.functional as F
+
+    from megatron_llm.config import load_config
+    from megatron_llm.model import GPT
+    from megatron_llm.parallel.groups import build_context
+    from megatron_llm.parallel.random import TensorParallelRNG
+    from megatron_llm.parallel.shard import shard_model
+    from megatron_llm.training.loop import seed_everything
+
+    cfg = load_config(
+        None, BASE + layout("gpt2", tp=2, model__dropout=0.2, model__attention_dropout=0.2)
+    )
+    ctx = build_context(cfg.parallel)
+    rng = TensorParallelRNG(TensorParallelRNG.seed_for(cfg.train.seed, ctx.tp_rank, ctx.dp_rank))
+    ones = torch.ones(4096)
+    seed_everything(7)
+    with rng.fork():
+        split = F.dropout(ones, 0.5)
+    replicated = F.dropout(ones, 0.5)
+    seed_everything(7)
+    unforked = F.dropout(ones, 0.5)  # the fork must not have advanced the default stream
+    # The whole model with dropout everywhere: the replicated residual stream entering the
+    # final norm must stay identical across the tp group.
+    seed_everything(cfg.train.seed)
+    model = shard_model(GPT(cfg.model, VOCAB), ctx, sequence_parallel=False, seed=cfg.train.seed)
+    seed_everything(cfg.train.seed + 1)
+    seen: dict[str, torch.Tensor] = {}
+    model.final_norm.register_forward_hook(lambda m, i, o: seen.setdefault("x", i[0].detach()))
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(tokens, tokens).backward()
+    return {
+        "split": split.numpy().copy(),
+        "replicated": replicated.numpy().copy(),
+        "unforked": unforked.numpy().copy(),
+        "residual": seen["x"].numpy().copy(),
+    }
+
+
+def train_layout(overrides: list[str], measure_memory: bool = False) -> dict:
+    """20 steps on a fixed token stream: losses, grad norms, step-1 gradients of my shards."""
+    from deepspeed.utils import safe_get_full_grad
+
+    from megatron_llm.config import load_config
+    from megatron_llm.model import GPT
+    from megatron_llm.parallel.engine import build_engine
+    from megatron_llm.parallel.groups import build_context, mean_over_dp
+    from megatron_llm.parallel.shard import shard_model
+    from megatron_llm.training.loop import local_grad_norm, seed_everything, train_step
+
+    cfg = load_config(None, BASE + overrides)
+    ctx = build_context(cfg.parallel)
+    seed_everything(cfg.train.seed)
+    model = shard_model(
+        GPT(cfg.model, VOCAB),
+        ctx,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        seed=cfg.train.seed,
+    )
+    engine = build_engine(model, cfg, ctx)
+    seed_everything(cfg.train.seed + 1 + ctx.dp_rank)
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randint(0, VOCAB, (2, GLOBAL_BATCH, cfg.model.seq_length + 1), generator=gen)
+    micro = cfg.train.micro_batch_size
+    out: dict[str, Any] = {"tp_rank": ctx.tp_rank, "tp": ctx.tp, "losses": [], "norms": []}
+    for step in range(cfg.train.steps):
+        mine = data[step % 2].view(ctx.dp, micro, -1)[ctx.dp_rank]  # (micro, seq + 1)
+        if step > 0:
+            loss, norm = train_step(engine, iter([mine]), 1, ctx.tp_group)
+        else:  # the same step, opened up to read the gradients before step() clears them
+            loss = engine(mine[:, :-1], mine[:, 1:])
+            engine.backward(loss)
+            out["grads"], out["dims"] = {}, {}
+            for name, p in engine.module.named_parameters():
+                # numpy, not torch: tensors would cross the result queue as shared memory
+                # that vanishes when the rank exits
+                out["grads"][name] = safe_get_full_grad(p).detach().float().numpy().copy()
+                out["dims"][name] = getattr(p, "partition_dim", None)
+            norm = local_grad_norm(engine, ctx.tp_group)
+            engine.step()
+            if engine.get_global_grad_norm() is not None:
+                norm = float(engine.get_global_grad_norm())
+            loss = loss.detach()
+        out["losses"].append(mean_over_dp(loss, ctx))
+        out["norms"].append(norm)
+    if measure_memory:
+        out["held_bytes"] = held_bytes(engine)
+    return out
