@@ -60,12 +60,11 @@ def test_gradient_accumulation_matches_one_big_batch(reference):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("zero", [0, 1, 2, 3])
-def test_data_parallel_matches_single_process(reference, zero):
+def test_data_parallel_matches_single_process(reference):
+    # ZeRO 0 here; ZeRO 1, 2 and 3 (dp=2, dp=4, composed with tp) over 20 steps, gradients
+    # included, are in tests/test_parallel.py.
     per_rank = run_on_ranks(
-        2,
-        synthetic_losses,
-        ["train.micro_batch_size=2", "parallel.dp=2", f"parallel.zero_stage={zero}"],
+        2, synthetic_losses, ["train.micro_batch_size=2", "parallel.dp=2", "parallel.zero_stage=0"]
     )
     assert per_rank[0] == per_rank[1]  # every rank logs the dp-averaged loss
     torch.testing.assert_close(

@@ -27,6 +27,7 @@ TWO_RANKS = {  # layout name: (its overrides, the reference it must match)
     "tp2 gpt2 sp": (layout("gpt2", tp=2, sp=True), "gpt2"),
     "tp2 llama gqa": (layout("llama", tp=2), "llama"),
     "tp2 llama gqa sp": (layout("llama", tp=2, sp=True), "llama"),
+    "dp2 zero0": (layout("gpt2", dp=2, zero=0), "gpt2"),
     "dp2 zero1": (layout("gpt2", dp=2, zero=1), "gpt2"),
     "dp2 zero2": (layout("gpt2", dp=2, zero=2), "gpt2"),
     "dp2 zero3": (layout("gpt2", dp=2, zero=3), "gpt2"),

@@ -167,7 +167,8 @@ class GPT(nn.Module):
                 nn.init.normal_(p, std=self.cfg.init_std)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens: (batch, seq). Returns logits (batch, seq, vocab), or the mean loss if labels."""
+        """tokens: (batch, seq). Returns the mean loss if labels, else logits (batch, seq, vocab);
+        under tensor parallelism each rank's logits are its slice of the vocabulary."""
         seq = tokens.shape[1]
         if seq > self.cfg.seq_length:
             raise ValueError(

@@ -1,9 +1,9 @@
 """Tensor- and sequence-parallel collectives as tiny autograd Functions.
 
 Each is named for its forward/backward pair. Activations are (batch, seq, hidden); sequence
-parallelism splits dim 1. Only plain all_reduce / all_gather are used, because gloo (our CPU
-backend) has no reduce_scatter; megatron-core's versions also allocate on CUDA, so they cannot
-run on CPU ranks.
+parallelism splits dim 1. megatron-core's equivalents read its global parallel state, assume a
+sequence-first layout and allocate their buffers on CUDA, so they cannot run on our CPU ranks;
+these take the group explicitly and work on gloo and nccl alike.
 """
 
 from __future__ import annotations
@@ -35,8 +35,13 @@ def _my_chunk(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tens
 
 
 def _reduce_scatter(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
-    # All-reduce then keep our chunk: twice the traffic of a true reduce-scatter, but gloo has none.
-    return _my_chunk(_all_reduce(x, group), group, dim)
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    if x.shape[dim] % size:
+        raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split over {size} ranks")
+    parts = [part.contiguous() for part in x.chunk(size, dim=dim)]
+    out = torch.empty_like(parts[rank])
+    dist.reduce_scatter(out, parts, op=dist.ReduceOp.SUM, group=group)
+    return out
 
 
 class CopyToTensorParallel(torch.autograd.Function):
