@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -158,7 +159,13 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, vocab_start, group):  # noqa: ANN001, ANN205
+    def forward(
+        ctx: Any,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        vocab_start: int,
+        group: dist.ProcessGroup,
+    ) -> torch.Tensor:
         logits = logits.float()  # (tokens, vocab / tp)
         vocab = logits.shape[-1]
         top = logits.max(dim=-1).values
@@ -176,7 +183,7 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
         return total.log() - target  # (tokens,)
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         softmax, local, mine = ctx.saved_tensors
         d = softmax.clone()
         rows = torch.arange(d.shape[0], device=d.device)
