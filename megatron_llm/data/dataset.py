@@ -7,14 +7,20 @@ This module decides what to ask for, checks the shards first so that mistakes ge
 naming the file and the fix, and turns megatron-core's item dicts into one token tensor.
 
 Distributed runs: call ``build_datasets`` on every rank (megatron-core synchronizes with
-barriers on the default process group). Rank 0 builds the index files and writes them to the
-cache; the other ranks wait, then load them, so they never race on the files. Ranks on other
-machines load them too: the cache must be on a filesystem every node sees.
+barriers on the default process group). Rank 0 builds the indices and writes them to the cache;
+after a barrier the other ranks load them, so they never race on the files.
 
 Cache (``data.cache_dir``): the GPTDataset indices go to cache_dir, or, when it is null, to
 megatron-core's default ``PREFIX/cache/GPTDataset_indices/`` (a folder named like the prefix,
-beside the shard). File names hash the seed, sequence length, split, sample count and the
-tokenizer's sha256, so a change rebuilds rather than reuses a stale index.
+beside the shard); blending indices go to cache_dir only. File names hash the seed, sequence
+length, split, sample count and the tokenizer's sha256, so a change rebuilds rather than reuses
+a stale index. The cache reads and writes are ours, not megatron-core's (which writes the final
+names in place, so a rank killed mid-write leaves a cache that every later run loads and fails
+on): each file is written to a temporary name and renamed, the description file last, and a
+cache entry counts only if its description exists and every array loads. A rank that finds no
+usable entry (the cache dir is not shared between nodes, or an entry is broken) builds the
+indices itself, deterministically the same, and saves them: nothing waits on a file that
+another node wrote, so an unshared cache costs time but never hangs.
 """
 
 from __future__ import annotations
@@ -22,10 +28,12 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -176,36 +184,104 @@ def _build_split(
         m if i == which.value else None for i, m in enumerate(config.split_matrix)
     ]
     sizes = [samples if i == which.value else 0 for i in range(len(Split))]
-    datasets = _Builder(GPTDataset, sizes, lambda: True, config).build()
+    datasets = _Builder(_CachedGPTDataset, sizes, lambda: True, config).build()
     return TokenSamples(datasets[which.value])
 
 
-class _Builder(BlendedMegatronDatasetBuilder):
-    """megatron-core's builder, usable with data.cache_dir set and no process group.
+def _load_cached(folder: str, base: str, names: tuple[str, ...]) -> tuple[np.ndarray, ...] | None:
+    """The arrays of a cache entry, or None if it is absent or broken (then it is rebuilt)."""
+    if not Path(folder, f"{base}-description.txt").is_file():
+        return None
+    try:
+        return tuple(
+            np.load(os.path.join(folder, f"{base}-{name}.npy"), allow_pickle=True, mmap_mode="r")
+            for name in names
+        )
+    except (OSError, ValueError, EOFError) as e:
+        logging.getLogger(__name__).warning(
+            f"{folder}/{base}-*: broken cache entry ({e}); rebuilding"
+        )
+        return None
 
-    BlendedDataset calls torch.distributed.get_rank() on a cache miss whenever path_to_cache is
-    set, which raises without a process group (GPTDataset checks first). Single-process runs
-    therefore build the blending indices in memory: a linear pass, cheap next to the rest.
-    """
+
+def _save_cached(folder: str, base: str, arrays: dict[str, np.ndarray], description: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    tag = f"tmp-{os.getpid()}"
+    for name, array in arrays.items():
+        final = os.path.join(folder, f"{base}-{name}.npy")
+        with open(f"{final}.{tag}", "wb") as f:
+            np.save(f, array, allow_pickle=True)
+        os.replace(f"{final}.{tag}", final)
+    final = os.path.join(folder, f"{base}-description.txt")  # last: it marks the entry complete
+    Path(f"{final}.{tag}").write_text(description)
+    os.replace(f"{final}.{tag}", final)
+
+
+_MEGATRON_LOGGERS = ("megatron.core.datasets.gpt_dataset", "megatron.core.datasets.blended_dataset")
+
+
+def _build_in_memory(dataset: Any, build: Any, **no_cache: Any) -> Any:
+    """Run megatron-core's index builder with its own caching turned off."""
+    saved = dataset.config
+    dataset.config = copy.copy(saved)
+    for name, value in no_cache.items():
+        setattr(dataset.config, name, value)
+    # Its "Unable to save ... because path_to_cache is None" would blame a setting we chose.
+    quiet = _DropMessage("because path_to_cache is None")
+    for name in _MEGATRON_LOGGERS:
+        logging.getLogger(name).addFilter(quiet)
+    try:
+        return build()
+    finally:
+        dataset.config = saved
+        for name in _MEGATRON_LOGGERS:
+            logging.getLogger(name).removeFilter(quiet)
+
+
+class _CachedGPTDataset(GPTDataset):
+    _NAMES = ("document_index", "sample_index", "shuffle_index")
+
+    def _build_document_sample_shuffle_indices(self) -> tuple[np.ndarray, ...]:
+        folder = self.config.path_to_cache or os.path.join(
+            self.dataset.path_prefix, "cache", "GPTDataset_indices"
+        )
+        base = f"{self.unique_description_hash}-GPTDataset-{self.index_split.name}"
+        cached = _load_cached(folder, base, self._NAMES)
+        if cached is not None:
+            return cached
+        parent = super()._build_document_sample_shuffle_indices
+        arrays = _build_in_memory(self, parent, path_to_cache=None, mock=True)
+        _save_cached(folder, base, dict(zip(self._NAMES, arrays)), self.unique_description)
+        return arrays
+
+
+class _CachedBlendedDataset(BlendedDataset):
+    _NAMES = ("dataset_index", "dataset_sample_index")
+
+    def _build_indices(self) -> tuple[np.ndarray, ...]:
+        folder = self.config.path_to_cache
+        parent = super()._build_indices
+        if not folder:
+            return _build_in_memory(self, parent)
+        base = f"{self.unique_description_hash}-BlendedDataset-{self.split.name}"
+        cached = _load_cached(folder, base, self._NAMES)
+        if cached is not None:
+            return cached
+        arrays = _build_in_memory(self, parent, path_to_cache=None)
+        _save_cached(folder, base, dict(zip(self._NAMES, arrays)), self.unique_description)
+        return arrays
+
+
+class _Builder(BlendedMegatronDatasetBuilder):
+    """megatron-core's builder, building our cache-safe BlendedDataset."""
 
     @staticmethod
     def build_generic_dataset(cls: Any, is_built_on_rank: Any, synchronize_ranks: bool, *args: Any):
-        if cls is not BlendedDataset or torch.distributed.is_initialized():
-            return BlendedMegatronDatasetBuilder.build_generic_dataset(
-                cls, is_built_on_rank, synchronize_ranks, *args
-            )
-        *rest, config = args
-        config = copy.copy(config)
-        config.path_to_cache = None
-        # Its "Cannot save ... because path_to_cache is None" warning would blame a setting
-        # the user did give.
-        log = logging.getLogger("megatron.core.datasets.blended_dataset")
-        quiet = _DropMessage("because path_to_cache is None")
-        log.addFilter(quiet)
-        try:
-            return BlendedDataset(*rest, config)
-        finally:
-            log.removeFilter(quiet)
+        if cls is BlendedDataset:
+            cls = _CachedBlendedDataset
+        return BlendedMegatronDatasetBuilder.build_generic_dataset(
+            cls, is_built_on_rank, synchronize_ranks, *args
+        )
 
 
 class _DropMessage(logging.Filter):
