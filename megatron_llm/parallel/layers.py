@@ -67,16 +67,30 @@ def _replicated_on_shards(p: torch.Tensor | None, tp: TensorParallel) -> torch.T
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x W^T + b with W's output rows (heads, ffn columns, vocab) split across tp ranks."""
+    """y = x W^T + b with W's output rows (heads, ffn columns, vocab) split across tp ranks.
 
-    def __init__(self, dense: nn.Linear, tp: TensorParallel) -> None:
+    ``entered=True``: the input has already passed ``tp.enter`` (see ``enter_once``), so q, k
+    and v share one all-gather / all-reduce instead of paying one each.
+    """
+
+    def __init__(self, dense: nn.Linear, tp: TensorParallel, *, entered: bool = False) -> None:
         super().__init__()
-        self.tp = tp
+        self.tp, self.entered = tp, entered
         self.weight = _shard(dense.weight, tp, 0)
         self.bias = None if dense.bias is None else _shard(dense.bias, tp, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.tp.enter(x), self.weight, self.bias)  # (batch, seq, out / tp)
+        x = x if self.entered else self.tp.enter(x)
+        return F.linear(x, self.weight, self.bias)  # (batch, seq, out / tp)
+
+
+def enter_once(module: nn.Module, tp: TensorParallel) -> None:
+    """Apply ``tp.enter`` to ``module``'s input, once for all its column-parallel layers."""
+
+    def hook(_: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return (tp.enter(args[0]), *args[1:])
+
+    module.register_forward_pre_hook(hook)
 
 
 class RowParallelLinear(nn.Module):

@@ -24,6 +24,7 @@ from megatron_llm.parallel.layers import (
     TensorParallel,
     VocabParallelEmbedding,
     VocabParallelLoss,
+    enter_once,
 )
 from megatron_llm.parallel.random import TensorParallelRNG
 
@@ -49,12 +50,17 @@ def shard_model(model: GPT, ctx: ParallelContext, *, sequence_parallel: bool, se
     model.loss_fn = VocabParallelLoss(model.embed.vocab_start, tp.group)
     for block in model.blocks:
         attn, mlp = block.attn, block.mlp
-        attn.q, attn.k, attn.v = (ColumnParallelLinear(x, tp) for x in (attn.q, attn.k, attn.v))
+        # Attention and MLP inputs enter the tp region once, shared by their column layers.
+        enter_once(attn, tp)
+        attn.q, attn.k, attn.v = (
+            ColumnParallelLinear(x, tp, entered=True) for x in (attn.q, attn.k, attn.v)
+        )
         attn.out = RowParallelLinear(attn.out, tp)
         attn.dropout_rng = rng.fork
-        mlp.fc_in = ColumnParallelLinear(mlp.fc_in, tp)
+        enter_once(mlp, tp)
+        mlp.fc_in = ColumnParallelLinear(mlp.fc_in, tp, entered=True)
         if mlp.fc_gate is not None:
-            mlp.fc_gate = ColumnParallelLinear(mlp.fc_gate, tp)
+            mlp.fc_gate = ColumnParallelLinear(mlp.fc_gate, tp, entered=True)
         mlp.fc_out = RowParallelLinear(mlp.fc_out, tp)
         if sequence_parallel:
             block.attn_norm = SequenceParallelNorm(block.attn_norm, tp)
