@@ -91,5 +91,6 @@ def end_of(shard: dict[str, Any]) -> tuple[int, Position]:
 
 def remove_stale_temporaries(prefix: Path) -> None:
     # Left by a run that was killed: PREFIX[_NNNNN].tmp-PID.bin/.idx. Never read by anyone.
-    for path in prefix.parent.glob(f"{prefix.name}*.tmp-*"):
-        path.unlink(missing_ok=True)
+    for pattern in (f"{prefix.name}.tmp-*", f"{prefix.name}_[0-9][0-9][0-9][0-9][0-9].tmp-*"):
+        for path in prefix.parent.glob(pattern):
+            path.unlink(missing_ok=True)

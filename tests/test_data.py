@@ -305,7 +305,7 @@ def test_text_inputs_by_folder_glob_and_per_file(
 
 
 def test_clis_explain_themselves() -> None:
-    for tool in ("make_corpus", "train_tokenizer", "preprocess"):
+    for tool in ("make_corpus", "train_tokenizer", "preprocess", "shards_cli"):
         cmd = [sys.executable, str(REPO / f"data_tools/{tool}.py"), "--help"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr
