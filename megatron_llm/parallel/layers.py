@@ -5,8 +5,10 @@ this rank's shard, so the model starts from the same weights whatever tp is. Sha
 carry ``tensor_model_parallel = True`` and ``partition_dim``: DeepSpeed's gradient-norm code
 counts such parameters on every tp rank and the others (replicated) on tp rank 0 only.
 
-Our own layers rather than megatron-core's: its layers read its global ``parallel_state`` or
-allocate on CUDA in the sequence-parallel collectives, and we pass groups explicitly on CPU ranks.
+Our own layers rather than megatron-core's: its layers want a TransformerConfig, fall back to
+its global ``parallel_state`` for groups, assume a sequence-first layout, and their
+sequence-parallel collectives allocate on ``torch.cuda.current_device()``, so they do not run on
+CPU ranks; ours take the group explicitly and keep the model's (batch, seq, hidden) layout.
 """
 
 from __future__ import annotations
