@@ -8,6 +8,9 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
+# DeepSpeed JIT-builds a comm op once per environment; keep the build with this venv so other
+# environments on the machine neither rebuild it nor race on it.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: setup pretrain test lint clean-data
 

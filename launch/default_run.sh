@@ -22,4 +22,5 @@ fi
   --output-prefix "$DATA/tokenizer"
 "$PY" "$REPO/data_tools/preprocess.py" --input "$DATA/stdlib.jsonl" \
   --tokenizer "$DATA/tokenizer.model" --output-prefix "$DATA/stdlib" --workers "$(nproc)"
-exec deepspeed "$REPO/launch/pretrain.sh" "$REPO/configs/default.yaml" "$@"
+# MASTER_PORT, if set, picks the rendezvous port (default 29500) so runs side by side agree.
+exec deepspeed ${MASTER_PORT:+--master_port "$MASTER_PORT"} "$REPO/launch/pretrain.sh" "$REPO/configs/default.yaml" "$@"

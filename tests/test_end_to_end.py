@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,12 @@ SHORT = [
 ]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     full_env = {
         **os.environ,
@@ -28,7 +35,7 @@ def run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
         "PYTHONUNBUFFERED": "1",
         **env,
     }
-    full_env.pop("MASTER_PORT", None)
+    full_env["MASTER_PORT"] = str(_free_port())  # never collide with another run's 29500
     proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc
