@@ -75,6 +75,24 @@ class ParallelContext:
         return self.pp_group
 
 
+def skip_cpu_shm_allreduce() -> None:
+    """Keep DeepSpeed from loading its CPU shared-memory allreduce op.
+
+    DeepSpeed's comm backend loads that op on CPU but our training collectives never use it,
+    while it costs a JIT compile (30-80 s) and leaves a ~67 MB /dev/shm buffer per rank and
+    port that nothing removes (21 GiB of RAM after a day of test runs here). Marking it
+    incompatible makes DeepSpeed skip it; GPU runs are unaffected.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 def init_distributed(timeout_minutes: float) -> None:
     """Join the job's process group (gloo on CPU, nccl on GPU) if not already in one."""
     import deepspeed  # heavy import: only when a run starts
@@ -87,6 +105,7 @@ def init_distributed(timeout_minutes: float) -> None:
         os.environ.setdefault(name, value)
     from deepspeed.accelerator import get_accelerator
 
+    skip_cpu_shm_allreduce()
     backend = get_accelerator().communication_backend_name()
     if backend == "ccl":  # DeepSpeed's CPU default; plain gloo needs no oneCCL
         backend = "gloo"
