@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
 
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_llm.launch import free_port
 
 
 def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue: Any) -> None:
@@ -44,7 +39,7 @@ def run_on_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 300
     """fn(*args) on every rank; returns the results in rank order or raises the first error."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue))
         for r in range(world_size)

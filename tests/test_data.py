@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from itertools import islice
@@ -24,6 +23,7 @@ from megatron_llm.data.config import DataConfig
 from megatron_llm.data.dataset import build_datasets
 from megatron_llm.data.sampler import micro_batches
 from megatron_llm.data.tokenizer import Tokenizer, TokenizerError
+from megatron_llm.launch import free_port
 from tests.data_fixtures import STDLIB, VOCAB, Corpus, Shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,12 +51,6 @@ def _find_aligned(haystack: bytes, needle: bytes, itemsize: int = 4) -> bool:
     while start >= 0 and start % itemsize:
         start = haystack.find(needle, start + 1)
     return start >= 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def data_config(*prefixes: str, **kw: object) -> DataConfig:
@@ -449,7 +443,7 @@ def test_two_gloo_ranks_build_once_and_agree(
     ctx = torch.multiprocessing.get_context("spawn")
     for case in cases:
         queue = ctx.Queue()
-        port = _free_port()
+        port = free_port()
         procs = [ctx.Process(target=_rank_main, args=(r, port, case, queue)) for r in (0, 1)]
         for p in procs:
             p.start()

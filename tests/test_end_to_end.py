@@ -2,12 +2,13 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from megatron_llm.launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -21,12 +22,6 @@ SHORT = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     full_env = {
         **os.environ,
@@ -35,7 +30,7 @@ def run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
         "PYTHONUNBUFFERED": "1",
         **env,
     }
-    full_env["MASTER_PORT"] = str(_free_port())  # never collide with another run's 29500
+    full_env["MASTER_PORT"] = str(free_port())  # never collide with another run's 29500
     proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc
