@@ -59,8 +59,13 @@ setup(
         "megatron-core>=0.16,<0.17",
         "pyyaml>=6",
         "tqdm>=4.60",
+        # .jsonl.zst / .txt.zst corpora in data_tools/preprocess.py.
+        "zstandard>=0.22",
     ],
-    extras_require={"test": ["pytest>=8", "ruff>=0.6"]},
+    extras_require={
+        # transformers: the Hugging Face export/import round trip and tokenizer.json tests.
+        "test": ["pytest>=8", "ruff>=0.6", "transformers>=4.45"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
