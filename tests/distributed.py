@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import queue as queue_module
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -48,14 +50,27 @@ def run_on_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 300
         p.start()
     results: dict[int, Any] = {}
     errors: list[str] = []
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
-            rank, status, value = queue.get(timeout=timeout)
+        while len(results) < world_size and not errors:
+            try:
+                rank, status, value = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                # A rank that died without reporting (killed, or failed before its first line
+                # ran) would otherwise leave us waiting for the whole timeout.
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if dead:
+                    errors.append(
+                        f"ranks {dead} died with exit codes "
+                        f"{[procs[r].exitcode for r in dead]} before reporting"
+                    )
+                elif time.monotonic() > deadline:
+                    errors.append(f"no result from every rank within {timeout:.0f} s")
+                continue
             if status == "ok":
                 results[rank] = value
             else:
-                errors.append(f"rank {rank} failed:\n{value}")
-                break  # the other ranks are likely stuck in a collective
+                errors.append(f"rank {rank} failed:\n{value}")  # the others likely hang
     finally:
         for p in procs:
             p.join(timeout=5 if errors else 60)
