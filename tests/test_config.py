@@ -135,7 +135,8 @@ def test_vocab_padding():
     cfg = load_config(None, ["model.pad_vocab_multiple=64"])
     assert cfg.model.padded_vocab_size(1000) == 1024
     assert cfg.model.padded_vocab_size(1000, tp=4) == 1024
-    assert cfg.model.padded_vocab_size(1030, tp=4) == 1280
+    assert cfg.model.padded_vocab_size(1030, tp=4) == 1088  # lcm(64, 4): the same at any tp
+    assert cfg.model.padded_vocab_size(1000, tp=3) == 1152  # lcm(64, 3) = 192
 
 
 def test_command_line_split():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 # What each style means when a field below is left unset (null).
@@ -26,7 +27,7 @@ class ModelConfig:
     ffn_hidden_size: int | None = None  # MLP width; null = 4*hidden (gelu) or ~8/3*hidden (swiglu)
     seq_length: int = 256  # tokens per training sample; also the learned-position table size
     vocab_size: int | None = None  # null = the tokenizer's size, padded (see below)
-    pad_vocab_multiple: int = 128  # pad the vocabulary to a multiple of this (times parallel.tp)
+    pad_vocab_multiple: int = 128  # pad the vocabulary to a multiple of this (and of parallel.tp)
     norm: Literal["layernorm", "rmsnorm"] | None = None  # null = style default
     activation: Literal["gelu", "swiglu"] | None = None  # null = style default
     position: Literal["learned", "rope"] | None = None  # null = style default
@@ -37,6 +38,7 @@ class ModelConfig:
     dropout: float = 0.0  # dropout on embeddings and residual branches
     attention_dropout: float = 0.0  # dropout on attention probabilities
     init_std: float = 0.02  # std of normal init; output projections are scaled by 1/sqrt(2L)
+    kernels: Literal["auto", "torch"] = "auto"  # csrc/ fused kernels when built (auto) or PyTorch
 
     def __post_init__(self) -> None:
         for name, value in _STYLE_DEFAULTS[self.style].items():
@@ -70,6 +72,11 @@ class ModelConfig:
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"model.{name}={getattr(self, name)}: must be in [0, 1)")
+        if self.kernels not in ("auto", "torch"):
+            raise ValueError(
+                f"model.kernels={self.kernels!r}: must be 'auto' (fused CUDA kernels where they "
+                "apply) or 'torch' (always the PyTorch path)"
+            )
         if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
             raise ValueError("model.norm_eps, model.init_std and model.rope_theta must be > 0")
 
@@ -92,5 +99,8 @@ class ModelConfig:
             raise ValueError(
                 f"model.vocab_size={size} is smaller than the tokenizer's {tokenizer_size} tokens"
             )
-        multiple = self.pad_vocab_multiple * tp
+        # A multiple of both, not their product: for tp dividing pad_vocab_multiple (the usual
+        # powers of two) the padding, and so the model, is the same at every tp, which lets a
+        # checkpoint resume at another tp with the same logits.
+        multiple = math.lcm(self.pad_vocab_multiple, tp)
         return -(-size // multiple) * multiple
