@@ -16,41 +16,63 @@ from megatron_llm.config import ConfigError, load_config
 
 def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
     """(config path or None, overrides); drops the --local_rank the deepspeed launcher adds."""
-    config, overrides, skip = None, [], False
+    config, overrides, skip, resume_next = None, [], False, False
     for arg in argv:
         if skip:
             skip = False
             continue
+        if resume_next:
+            overrides.append(f"checkpoint.resume={arg}")
+            resume_next = False
+            continue
         if arg.startswith("--local_rank"):
             skip = arg == "--local_rank"  # "--local_rank N" form
+            continue
+        if arg == "--resume" or arg.startswith("--resume="):
+            if arg == "--resume":
+                resume_next = True
+            else:
+                overrides.append(f"checkpoint.resume={arg.split('=', 1)[1]}")
             continue
         if arg in ("-h", "--help"):
             print(
                 __doc__ + "\nCONFIG: a YAML file in configs/; overrides: section.field=value "
-                "(e.g. train.steps=100 parallel.zero_stage=1)."
+                "(e.g. train.steps=100 parallel.zero_stage=1).\n--resume auto|never|PATH: "
+                "resume from the newest valid checkpoint in checkpoint.dir (auto, the "
+                "default), start fresh (never), or start from a checkpoint folder (PATH)."
             )
             sys.exit(0)
         if "=" in arg:
             overrides.append(arg)
-        elif config is None and not overrides:
+        elif config is None and not overrides and not arg.startswith("-"):
             config = arg
         else:
             raise ConfigError(
                 f"argument {arg!r}: expected one config file first, then "
                 "section.field=value overrides"
             )
+    if resume_next:
+        raise ConfigError("--resume: expected auto, never or a checkpoint path after it")
     return config, overrides
 
 
 def print_summary(summary: dict, cfg_path: str | None) -> None:
-    losses = summary["losses"]
+    losses, first = summary["losses"], summary["first_step"]
     lines = [
         "=" * 64,
         f"run summary ({cfg_path or 'defaults'})",
-        f"  steps              {summary['steps']} on {summary['world_size']} ranks, "
+        f"  steps              {first} to {summary['steps']} on {summary['world_size']} ranks, "
         f"global batch {summary['global_batch_size']}",
-        f"  loss               {losses[0]:.4f} (step 1) -> {losses[-1]:.4f} (step {len(losses)})",
     ]
+    if losses:
+        lines.append(
+            f"  loss               {losses[0]:.4f} (step {first}) -> {losses[-1]:.4f} "
+            f"(step {summary['steps']})"
+        )
+    else:
+        lines.append(f"  nothing to do: the run was already at step {summary['steps']}")
+    if "stopped" in summary:
+        lines.append(f"  stopped early      {summary['stopped']}")
     if "val_loss" in summary:
         lines.append(
             f"  validation         loss {summary['val_loss']:.4f}, "
@@ -80,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_known_warnings()
     import torch.distributed as dist
 
+    from megatron_llm.checkpoint.io import CheckpointError
     from megatron_llm.parallel.groups import build_context, init_distributed
     from megatron_llm.training.loop import train
 
@@ -95,7 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = train(cfg, ctx)
+    try:
+        summary = train(cfg, ctx)
+    except CheckpointError as e:  # a refused or impossible resume: say why, no traceback
+        print(f"error (rank {ctx.rank}): {e}", file=sys.stderr, flush=True)
+        dist.destroy_process_group()
+        return 2
     if ctx.is_logging_rank:
         print_summary(summary, cfg_path)
         out = Path(cfg.logging.dir) / "summary.json"

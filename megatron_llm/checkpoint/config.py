@@ -1,4 +1,4 @@
-"""The ``checkpoint`` section: where and when a run saves."""
+"""The ``checkpoint`` section: where and when a run saves, and what it resumes from."""
 
 from __future__ import annotations
 
@@ -10,9 +10,19 @@ class CheckpointConfig:
     dir: str = "runs/default/checkpoints"  # folder holding one sub-folder per saved step
     save_interval: int = 0  # save every N steps (0 = only at the end of the run)
     save_at_end: bool = True  # save after the last step
+    # auto: the newest valid checkpoint in `dir` if any, else start fresh; never: start fresh;
+    # or a path to a checkpoint folder (or to another run's checkpoint dir) to start from.
+    resume: str = "auto"
+    keep_last: int = 3  # keep the newest N checkpoints (0 = keep all)
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of K (0 = none)
 
     def __post_init__(self) -> None:
         if self.save_interval < 0:
             raise ValueError(f"checkpoint.save_interval={self.save_interval}: must be >= 0")
         if not self.dir:
             raise ValueError("checkpoint.dir: must not be empty")
+        if not self.resume:
+            raise ValueError("checkpoint.resume: expected auto, never or a checkpoint path")
+        for name in ("keep_last", "keep_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"checkpoint.{name}={getattr(self, name)}: must be >= 0")

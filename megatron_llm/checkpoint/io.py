@@ -1,49 +1,272 @@
-"""Saving a run through the DeepSpeed engine.
+"""The checkpoint format, its atomic save, and finding a checkpoint to resume from.
 
-Layout of ``checkpoint.dir``::
+Layout of ``checkpoint.dir`` (format ``megatron_llm-checkpoint``, version 1)::
 
-    latest                  text: the tag of the newest complete checkpoint (DeepSpeed's)
-    global_step<N>/         DeepSpeed's model and optimizer shards for step N
-        run_state.json      step, consumed samples, tokens seen (human-readable copy)
-        config.yaml         the resolved run config
+    latest                    text: the tag of the newest complete checkpoint. Replaced
+                              atomically, and only after that checkpoint is in place.
+    global_step<N>/           one complete checkpoint; renamed into place only when whole
+        manifest.json         format, version, step, the layout it was saved at, the tensor
+                              index {name: {file, shape}}, and {file: {bytes, sha256}} for
+                              every other file of the folder
+        run_state.json        step, consumed_samples, tokens_seen, train_samples (the sample
+                              count the dataset indices were built for), engine counters,
+                              loss scaler (fp16), and the tokenizer's sha256
+        config.yaml           the resolved run config
+        model-<rank>.pt       {name: whole fp32 tensor} for the parameters that rank wrote
+        optim-<rank>.pt       {name: {"exp_avg": ..., "exp_avg_sq": ...}} (AdamW state)
+        rng-<rank>.pt         that rank's random streams (restored at the same layout only)
+    .tmp-global_step<N>-*/    a save in progress, or one killed mid-way: never read, and
+                              removed by the next save
+
+Tensors are whole (not sharded by the layout that saved them; see state.py), so a checkpoint
+loads at any (tp, pp, dp). Every file is written under the temporary folder, fsynced, and the
+folder is renamed into place; a process killed at any moment leaves the previous checkpoint and
+``latest`` as they were.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
+import torch
 import yaml
+
+FORMAT = "megatron_llm-checkpoint"
+VERSION = 1
+TAG_PREFIX = "global_step"
+TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with the path and what is wrong."""
 
 
 def tag_for(step: int) -> str:
-    return f"global_step{step}"
+    return f"{TAG_PREFIX}{step}"
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def step_of(path: Path) -> int | None:
+    name = path.name
+    if not name.startswith(TAG_PREFIX) or not name[len(TAG_PREFIX) :].isdigit():
+        return None
+    return int(name[len(TAG_PREFIX) :])
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write to a temporary name in the same folder, fsync, rename over ``path``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_file(obj: Any, path: Path) -> dict[str, Any]:
+    """torch.save + fsync; returns the manifest entry {bytes, sha256}."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+
+
+def write_text_file(path: Path, text: str) -> dict[str, Any]:
+    with open(path, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
 
 
-def save(
-    engine: Any, ckpt_dir: str, *, step: int, run_state: dict[str, Any], config: dict[str, Any]
-) -> Path:
-    """Save model, optimizer, scheduler and run state for ``step``; every rank calls this."""
-    tag = tag_for(step)
-    engine.save_checkpoint(
-        ckpt_dir, tag=tag, client_state={"run_state": run_state, "config": config}
+def new_tmp_dir(root: Path, step: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f"{TMP_PREFIX}{TAG_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)  # saves killed mid-way; never loadable
+    tmp = root / f"{TMP_PREFIX}{tag_for(step)}-{os.getpid()}-{time.time_ns()}"
+    tmp.mkdir()
+    return tmp
+
+
+def publish(tmp: Path, root: Path, step: int) -> Path:
+    """Rename a complete temporary folder into place, then move ``latest`` to it."""
+    fsync_dir(tmp)
+    final = root / tag_for(step)
+    if final.exists():  # a fresh run re-saving a step an earlier run also saved
+        old = root / f"{TMP_PREFIX}old-{final.name}-{time.time_ns()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(root)
+    write_atomic(root / "latest", final.name + "\n")
+    return final
+
+
+def prune(root: Path, *, keep_last: int, keep_every: int) -> list[Path]:
+    """Delete checkpoints outside the last ``keep_last`` and the multiples of ``keep_every``."""
+    if keep_last <= 0:
+        return []
+    steps = sorted((s, p) for p in root.iterdir() if (s := step_of(p)) is not None)
+    latest = read_latest(root)
+    kept = {s for s, _ in steps[-keep_last:]}
+    removed = []
+    for s, path in steps:
+        if s in kept or (keep_every and s % keep_every == 0) or path.name == latest:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def read_latest(root: Path) -> str | None:
+    try:
+        return (root / "latest").read_text().strip() or None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A saved checkpoint folder, opened for reading."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> Checkpoint:
+        path = Path(path)
+        manifest_path = path / "manifest.json"
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{manifest_path}: missing; not a complete checkpoint") from None
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{manifest_path}: not valid JSON ({e})") from None
+        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+            raise CheckpointError(
+                f"{manifest_path}: format {manifest.get('format')!r} version "
+                f"{manifest.get('version')!r}; expected {FORMAT!r} version {VERSION}"
+            )
+        return cls(path, manifest)
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
+
+    @property
+    def layout(self) -> dict[str, int]:
+        return self.manifest["layout"]
+
+    @property
+    def has_optimizer(self) -> bool:
+        return bool(self.manifest.get("optimizer", False))
+
+    def run_state(self) -> dict[str, Any]:
+        return json.loads((self.path / "run_state.json").read_text())
+
+    def config(self) -> dict[str, Any]:
+        return yaml.safe_load((self.path / "config.yaml").read_text())
+
+    def problems(self, *, checksums: bool, files: list[str] | None = None) -> list[str]:
+        """What is wrong with the folder ([] if nothing): missing files, sizes, checksums."""
+        found = []
+        for name in files if files is not None else sorted(self.manifest["files"]):
+            entry = self.manifest["files"][name]
+            path = self.path / name
+            if not path.is_file():
+                found.append(f"{path}: missing")
+            elif path.stat().st_size != entry["bytes"]:
+                found.append(
+                    f"{path}: {path.stat().st_size} bytes, the manifest says {entry['bytes']} "
+                    "(truncated or overwritten)"
+                )
+            elif checksums and sha256_of(path) != entry["sha256"]:
+                found.append(f"{path}: sha256 differs from the manifest (corrupted)")
+        return found
+
+    def _load(self, name: str) -> Any:
+        return torch.load(self.path / name, map_location="cpu", mmap=True, weights_only=True)
+
+    def tensors(self, *, optimizer: bool) -> dict[str, dict[str, torch.Tensor]]:
+        """{name: {"param", and with optimizer "exp_avg", "exp_avg_sq"}}, memory-mapped."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        files = sorted({entry["file"] for entry in self.manifest["tensors"].values()})
+        for model_file in files:
+            for name, value in self._load(model_file).items():
+                out[name] = {"param": value}
+            if optimizer:
+                optim_file = model_file.replace("model-", "optim-", 1)
+                for name, states in self._load(optim_file).items():
+                    out[name].update(states)
+        return out
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {name: t["param"] for name, t in self.tensors(optimizer=False).items()}
+
+    def rng(self, rank: int) -> dict[str, Any] | None:
+        name = f"rng-{rank:05d}.pt"
+        if name not in self.manifest["files"]:
+            return None
+        # numpy's and python's generator states are not plain tensors.
+        return torch.load(self.path / name, map_location="cpu", weights_only=False)
+
+
+def candidates(root: str | Path) -> list[Path]:
+    """Checkpoint folders to try for a resume, best first: ``latest``, then newest by step."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = sorted(
+        (p for p in root.iterdir() if p.is_dir() and step_of(p) is not None),
+        key=lambda p: step_of(p) or 0,
+        reverse=True,
     )
-    path = Path(ckpt_dir) / tag
-    if dist.get_rank() == 0:
-        _write_atomic(path / "run_state.json", json.dumps(run_state, indent=2) + "\n")
-        _write_atomic(path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-    dist.barrier()
-    return path
+    latest = read_latest(root)
+    first = [p for p in found if p.name == latest]
+    return first + [p for p in found if p.name != latest]
+
+
+def describe(ckpt: Checkpoint) -> dict[str, Any]:
+    """One line of ``list``: step, tokens, layout, size."""
+    run = ckpt.run_state()
+    return {
+        "tag": ckpt.path.name,
+        "step": ckpt.step,
+        "tokens_seen": run.get("tokens_seen"),
+        "consumed_samples": run.get("consumed_samples"),
+        "layout": ckpt.layout,
+        "optimizer": ckpt.has_optimizer,
+        "bytes": sum(f["bytes"] for f in ckpt.manifest["files"].values()),
+        "saved_at": ckpt.manifest.get("saved_at"),
+    }

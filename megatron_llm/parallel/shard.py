@@ -44,6 +44,7 @@ def shard_model(model: GPT, ctx: ParallelContext, *, sequence_parallel: bool, se
         group=ctx.tp_group, rank=ctx.tp_rank, size=ctx.tp, sequence_parallel=sequence_parallel
     )
     rng = TensorParallelRNG(TensorParallelRNG.seed_for(seed, ctx.tp_rank, ctx.dp_rank))
+    model.tp_rng = rng  # checkpoints save and restore its state
     model.embed = VocabParallelEmbedding(model.embed, tp)
     if model.head is not None:
         model.head = ColumnParallelLinear(model.head, tp)

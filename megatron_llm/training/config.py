@@ -43,11 +43,19 @@ class TrainConfig:
     global_batch_size: int | None = None  # optional check: must equal micro x accum x dp
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp16 needs a GPU
     seed: int = 1234  # seeds model init, dropout and data order
+    # stop, save a checkpoint and exit 0 after this many minutes of training (0 = no limit);
+    # set it a few minutes under the job's wall time
+    exit_after_minutes: float = 0.0
+    exit_interval: int = 0  # stop, save and exit 0 after a step that is a multiple of N (0 = off)
 
     def __post_init__(self) -> None:
         for name in ("steps", "micro_batch_size", "grad_accum_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)}: must be >= 1")
+        if self.exit_interval < 0:
+            raise ValueError(f"train.exit_interval={self.exit_interval}: must be >= 0")
+        if self.exit_after_minutes < 0:
+            raise ValueError(f"train.exit_after_minutes={self.exit_after_minutes}: must be >= 0")
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise ValueError(f"train.global_batch_size={self.global_batch_size}: must be >= 1")
 

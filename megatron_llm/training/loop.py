@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_llm.checkpoint import io as ckpt_io
+from megatron_llm.checkpoint import runtime as ckpt_run
+from megatron_llm.checkpoint.state import load_weights
 from megatron_llm.config import RunConfig
 from megatron_llm.data.dataset import build_datasets
 from megatron_llm.data.sampler import micro_batches
@@ -20,8 +21,10 @@ from megatron_llm.eval.perplexity import perplexity, validation_loss
 from megatron_llm.model import GPT
 from megatron_llm.parallel.engine import build_engine
 from megatron_llm.parallel.groups import ParallelContext, mean_over_dp
+from megatron_llm.parallel.random import TensorParallelRNG
 from megatron_llm.parallel.shard import shard_model
 from megatron_llm.training.metrics import MetricsLog
+from megatron_llm.training.preemption import StopRequest
 
 
 def seed_everything(seed: int) -> None:
@@ -70,100 +73,185 @@ def train_step(
     return total / accum, measured if norm is None else float(norm)
 
 
-def train(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
-    """Train for cfg.train.steps steps; returns the run summary (same on every rank)."""
+def reseeder(cfg: RunConfig, ctx: ParallelContext, model: torch.nn.Module) -> Callable[[int], None]:
+    """Seeds the dropout streams for a run starting at ``step`` (0: a fresh run)."""
+
+    def reseed(step: int) -> None:
+        offset = step * 7919  # a resumed run at a new layout must not replay step 0's draws
+        seed_everything(cfg.train.seed + 1 + ctx.dp_rank + offset)  # dropout differs across dp
+        tp_rng = getattr(model, "tp_rng", None)
+        if step and tp_rng is not None:
+            fresh = TensorParallelRNG(
+                TensorParallelRNG.seed_for(cfg.train.seed + offset, ctx.tp_rank, ctx.dp_rank)
+            )
+            tp_rng.state, tp_rng.cuda_state = fresh.state, fresh.cuda_state
+
+    return reseed
+
+
+def build(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
+    """Model, engine and data, from scratch or from the checkpoint to resume."""
     seed_everything(cfg.train.seed)  # the same init on every rank
     tokenizer = Tokenizer(cfg.data.tokenizer)
+    ckpt = ckpt_run.choose(cfg.checkpoint.resume, cfg.checkpoint.dir, ctx)
+    if ckpt is not None:
+        ckpt_run.check_compatible(ckpt, cfg.to_dict(), tokenizer.sha256)
     model = GPT(cfg.model, cfg.model.padded_vocab_size(tokenizer.vocab_size, ctx.tp))
     parameters = model.num_parameters()  # the whole model, before this rank keeps its shard
+    tensors = ckpt.tensors(optimizer=ckpt.has_optimizer) if ckpt else None
+    if tensors is not None:
+        load_weights(model, {n: t["param"] for n, t in tensors.items()}, str(ckpt.path))
     model = shard_model(
         model, ctx, sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.train.seed
     )
     engine = build_engine(model, cfg, ctx)
-    seed_everything(cfg.train.seed + 1 + ctx.dp_rank)  # dropout differs across dp ranks
-
+    run_state: dict[str, Any] = {"step": 0, "consumed_samples": 0}
+    if ckpt is not None:
+        run_state = ckpt_run.restore(engine, model, ctx, ckpt, tensors, reseeder(cfg, ctx, model))
+        if ctx.is_logging_rank:
+            print(f"[checkpoint] resumed from {ckpt.path} at step {run_state['step']}", flush=True)
+    else:
+        reseeder(cfg, ctx, model)(0)
+    del tensors
     t = cfg.train
     global_batch = t.check_global_batch(ctx.dp)
-    eval_samples = cfg.eval.iters * t.micro_batch_size * ctx.dp
+    step = run_state["step"] if ckpt and ckpt.has_optimizer else 0
+    consumed = run_state["consumed_samples"] if step else 0
+    # The dataset's shuffle depends on how many samples it is built for: a resumed run keeps the
+    # count of the run it continues, so the samples it sees are the ones that run would have.
+    needed = consumed + (t.steps - step) * global_batch
+    train_samples = max(needed, run_state.get("train_samples", 0) if step else 0)
     train_set, valid_set = build_datasets(
         cfg.data,
         seq_length=cfg.model.seq_length,
         seed=t.seed,
-        train_samples=t.steps * global_batch,
-        valid_samples=eval_samples,
+        train_samples=train_samples,
+        valid_samples=cfg.eval.iters * t.micro_batch_size * ctx.dp,
         tokenizer=tokenizer,
     )
+    return dict(
+        engine=engine,
+        model=model,
+        tokenizer=tokenizer,
+        parameters=parameters,
+        step=step,
+        consumed=consumed,
+        train_samples=train_samples,
+        skipped_steps=run_state.get("skipped_steps", 0) if step else 0,
+        train_set=train_set,
+        valid_set=valid_set,
+        global_batch=global_batch,
+    )
+
+
+def save_checkpoint(cfg: RunConfig, ctx: ParallelContext, run: dict[str, Any], step: int) -> str:
+    consumed = run["consumed"] + (step - run["step"]) * run["global_batch"]
+    run_state = {
+        "step": step,
+        "consumed_samples": consumed,
+        "tokens_seen": consumed * cfg.model.seq_length,
+        "train_samples": run["train_samples"],
+        "skipped_steps": run["engine"].skipped_steps,
+        "tokenizer_sha256": run["tokenizer"].sha256,
+        "loss_scaler": ckpt_run.loss_scaler_state(run["engine"]),
+    }
+    c = cfg.checkpoint
+    path = ckpt_run.save(
+        run["engine"],
+        run["model"],
+        ctx,
+        root=c.dir,
+        step=step,
+        run_state=run_state,
+        config=cfg.to_dict(),
+        keep_last=c.keep_last,
+        keep_every=c.keep_every,
+    )
+    return str(path)
+
+
+def train(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
+    """Train up to cfg.train.steps steps; returns the run summary (same on every rank)."""
+    run = build(cfg, ctx)
+    engine, valid_set, t = run["engine"], run["valid_set"], cfg.train
     batches = micro_batches(
-        train_set,
-        consumed_samples=0,
+        run["train_set"],
+        consumed_samples=run["consumed"],
         micro_batch_size=t.micro_batch_size,
         dp_rank=ctx.dp_rank,
         dp_size=ctx.dp,
     )
-    log = MetricsLog(cfg.logging.dir, enabled=ctx.is_logging_rank)
-    tokens_per_step = global_batch * cfg.model.seq_length
+    log = MetricsLog(cfg.logging.dir, enabled=ctx.is_logging_rank, resume_step=run["step"])
+    tokens_per_step = run["global_batch"] * cfg.model.seq_length
     summary: dict[str, Any] = {
-        "parameters": parameters,
+        "parameters": run["parameters"],
         "world_size": ctx.world_size,
-        "global_batch_size": global_batch,
+        "global_batch_size": run["global_batch"],
+        "first_step": run["step"] + 1,
         "losses": [],
     }
     if ctx.is_logging_rank:
         print(
             f"model: {summary['parameters']:,} parameters, {cfg.model.style} style; "
             f"world {ctx.world_size} = tp {ctx.tp} x pp {ctx.pp} x dp {ctx.dp}; "
-            f"global batch {global_batch} x {cfg.model.seq_length} tokens",
+            f"global batch {run['global_batch']} x {cfg.model.seq_length} tokens",
             flush=True,
         )
-
-    start = time.perf_counter()
-    for step in range(1, t.steps + 1):
-        lr = engine.get_lr()[0]  # the rate this step uses; after step() it is the next one's
-        local_loss, grad_norm = train_step(engine, batches, t.grad_accum_steps, ctx.tp_group)
-        loss = mean_over_dp(local_loss, ctx)
-        log.count_tokens(tokens_per_step)
-        summary["losses"].append(loss)
-        record: dict[str, Any] = {
-            "step": step,
-            "loss": loss,
-            "consumed_samples": step * global_batch,
-        }
-        if step % cfg.logging.interval == 0 or step in (1, t.steps):
-            record.update(lr=lr, tokens_per_s=log.throughput(), grad_norm=grad_norm)
-        last = step == t.steps
-        if valid_set is not None and (
-            (cfg.eval.interval and step % cfg.eval.interval == 0) or (last and cfg.eval.at_end)
-        ):
-            record["val_loss"] = validation_loss(
-                engine,
-                valid_set,
-                iters=cfg.eval.iters,
-                micro_batch_size=t.micro_batch_size,
-                ctx=ctx,
-            )
-            summary["val_loss"] = record["val_loss"]
-        if "lr" in record or "val_loss" in record:
-            log.print_step(record)
-        log.write(record)
-        if (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0) or (
-            last and cfg.checkpoint.save_at_end
-        ):
-            run_state = {
-                "step": step,
-                "consumed_samples": step * global_batch,
-                "tokens_seen": step * tokens_per_step,
-            }
-            summary["checkpoint"] = str(
-                ckpt_io.save(
-                    engine, cfg.checkpoint.dir, step=step, run_state=run_state, config=cfg.to_dict()
+    stop = StopRequest(t.exit_after_minutes, t.exit_interval)
+    start, step = time.perf_counter(), run["step"]
+    try:
+        for step in range(run["step"] + 1, t.steps + 1):
+            lr = engine.get_lr()[0]  # the rate this step uses; after step() it is the next one's
+            local_loss, grad_norm = train_step(engine, batches, t.grad_accum_steps, ctx.tp_group)
+            loss = mean_over_dp(local_loss, ctx)
+            log.count_tokens(tokens_per_step)
+            summary["losses"].append(loss)
+            consumed = run["consumed"] + (step - run["step"]) * run["global_batch"]
+            record: dict[str, Any] = {"step": step, "loss": loss, "consumed_samples": consumed}
+            if step % cfg.logging.interval == 0 or step in (run["step"] + 1, t.steps):
+                record.update(lr=lr, tokens_per_s=log.throughput(), grad_norm=grad_norm)
+            last = step == t.steps
+            stopping = None if last else stop.reason(step)
+            if (
+                valid_set is not None
+                and not stopping
+                and (
+                    (cfg.eval.interval and step % cfg.eval.interval == 0)
+                    or (last and cfg.eval.at_end)
                 )
-            )
+            ):
+                record["val_loss"] = validation_loss(
+                    engine,
+                    valid_set,
+                    iters=cfg.eval.iters,
+                    micro_batch_size=t.micro_batch_size,
+                    ctx=ctx,
+                )
+                summary["val_loss"] = record["val_loss"]
+            if "lr" in record or "val_loss" in record:
+                log.print_step(record)
+            log.write(record)
+            c = cfg.checkpoint
+            if (
+                stopping
+                or (c.save_interval and step % c.save_interval == 0)
+                or (last and c.save_at_end)
+            ):
+                summary["checkpoint"] = save_checkpoint(cfg, ctx, run, step)
+            if stopping:
+                summary["stopped"] = stopping
+                if ctx.is_logging_rank:
+                    print(f"[preemption] stopped after step {step}: {stopping}", flush=True)
+                break
+    finally:
+        stop.restore_handlers()
     elapsed = time.perf_counter() - start
+    ran = step - run["step"]
     summary.update(
-        steps=t.steps,
+        steps=step,
         seconds=elapsed,
-        tokens=t.steps * tokens_per_step,
-        tokens_per_s=t.steps * tokens_per_step / elapsed,
+        tokens=ran * tokens_per_step,
+        tokens_per_s=ran * tokens_per_step / max(elapsed, 1e-9),
     )
     if "val_loss" in summary:
         summary["val_perplexity"] = perplexity(summary["val_loss"])

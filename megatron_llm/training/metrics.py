@@ -10,14 +10,28 @@ from typing import Any
 
 
 class MetricsLog:
-    def __init__(self, run_dir: str, enabled: bool) -> None:
+    def __init__(self, run_dir: str, enabled: bool, resume_step: int = 0) -> None:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")  # a fresh run starts a fresh file
+            self.path.write_text(self._history(resume_step))
         self._last_time = time.perf_counter()
         self._tokens_since = 0
+
+    def _history(self, resume_step: int) -> str:
+        # A fresh run starts a fresh file; a resumed one keeps the records up to the step it
+        # resumes from and drops those a crashed run wrote after its last checkpoint.
+        if not resume_step or not self.path.exists():
+            return ""
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= resume_step:
+                    kept.append(line + "\n")
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut short by the crash
+        return "".join(kept)
 
     def count_tokens(self, tokens: int) -> None:
         self._tokens_since += tokens

@@ -1,0 +1,250 @@
+"""Saving and resuming inside a running job: collective calls every rank makes together."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+
+from megatron_llm.checkpoint import io
+from megatron_llm.checkpoint.state import gather_state, restore_state, rng_state, set_rng_state
+from megatron_llm.parallel.groups import ParallelContext
+
+# Config fields a resumed run may not change: they would make the weights, the data order or
+# the token ids mean something else. Every other change (steps, schedule, logging, eval,
+# checkpointing, parallel layout) is allowed and printed.
+UNSAFE = {
+    "model": None,  # every field: the shapes and the computation
+    "data": ("prefixes", "weights", "split", "tokenizer"),
+    "train": ("seed",),
+}
+
+
+def _broadcast(obj: Any) -> Any:
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _layout(ctx: ParallelContext, zero_stage: int) -> dict[str, int]:
+    return {
+        "tp": ctx.tp,
+        "pp": ctx.pp,
+        "dp": ctx.dp,
+        "world_size": ctx.world_size,
+        "zero": zero_stage,
+    }
+
+
+def save(
+    engine: Any,
+    model: nn.Module,
+    ctx: ParallelContext,
+    *,
+    root: str,
+    step: int,
+    run_state: dict[str, Any],
+    config: dict[str, Any],
+    keep_last: int = 0,
+    keep_every: int = 0,
+) -> Path:
+    """Save a complete checkpoint for ``step`` atomically; every rank calls this."""
+    root_path = Path(root)
+    tmp = _broadcast(io.new_tmp_dir(root_path, step) if ctx.rank == 0 else None)
+    files: dict[str, Any] = {}
+    index: dict[str, Any] = {}
+    weights: dict[str, torch.Tensor] = {}
+    optim: dict[str, dict[str, torch.Tensor]] = {}
+    for name, whole in gather_state(engine, ctx):
+        weights[name] = whole["param"]
+        optim[name] = {k: v for k, v in whole.items() if k != "param"}
+    if weights:
+        model_file, optim_file = f"model-{ctx.rank:05d}.pt", f"optim-{ctx.rank:05d}.pt"
+        files[model_file] = io.save_file(weights, tmp / model_file)
+        files[optim_file] = io.save_file(optim, tmp / optim_file)
+        index = {n: {"file": model_file, "shape": list(t.shape)} for n, t in weights.items()}
+    rng_file = f"rng-{ctx.rank:05d}.pt"
+    files[rng_file] = io.save_file(rng_state(model), tmp / rng_file)
+    del weights, optim
+    pieces = [None] * ctx.world_size
+    dist.all_gather_object(pieces, (files, index))
+    final = None
+    if ctx.rank == 0:
+        for part_files, part_index in pieces:
+            files.update(part_files)
+            index.update(part_index)
+        files["run_state.json"] = io.write_text_file(
+            tmp / "run_state.json", json.dumps(run_state, indent=2) + "\n"
+        )
+        files["config.yaml"] = io.write_text_file(
+            tmp / "config.yaml", yaml.safe_dump(config, sort_keys=False)
+        )
+        manifest = {
+            "format": io.FORMAT,
+            "version": io.VERSION,
+            "step": step,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "layout": _layout(ctx, engine.zero_optimization_stage()),
+            "optimizer": True,
+            "tensors": dict(sorted(index.items())),
+            "files": dict(sorted(files.items())),
+        }
+        io.write_text_file(tmp / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+        final = io.publish(tmp, root_path, step)
+        io.prune(root_path, keep_last=keep_last, keep_every=keep_every)
+    return Path(_broadcast(str(final) if final else None))
+
+
+def _verify_shared(ckpt: io.Checkpoint, ctx: ParallelContext) -> list[str]:
+    # Every rank checksums a share of the files; all ranks learn every problem.
+    names = sorted(ckpt.manifest["files"])
+    mine = [n for i, n in enumerate(names) if i % ctx.world_size == ctx.rank]
+    found = ckpt.problems(checksums=True, files=mine)
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, found)
+    return [p for part in gathered for p in part]
+
+
+def choose(resume: str, root: str, ctx: ParallelContext) -> io.Checkpoint | None:
+    """The checkpoint to start from, the same on every rank; None to start fresh.
+
+    resume="auto": the newest valid checkpoint under ``root`` (``latest`` first); a corrupt
+    one is skipped with a warning. resume="never": None. Otherwise a path (a checkpoint
+    folder, or a checkpoint root whose newest valid one is taken): it must load.
+    """
+    if resume == "never":
+        return None
+    explicit = resume != "auto"
+    where = Path(resume if explicit else root)
+    if explicit and (where / "manifest.json").exists():
+        paths = [where]
+    else:
+        paths = _broadcast([str(p) for p in io.candidates(where)] if ctx.rank == 0 else None)
+        paths = [Path(p) for p in paths]
+    if explicit and not paths:
+        raise io.CheckpointError(f"checkpoint.resume={resume}: no checkpoint found there")
+    for path in paths:
+        try:
+            ckpt = io.Checkpoint.open(path)
+            problems = _verify_shared(ckpt, ctx)
+        except io.CheckpointError as e:
+            problems = [str(e)]
+        if not problems:
+            return ckpt
+        message = f"checkpoint {path} is not loadable: " + "; ".join(problems[:3])
+        if explicit:
+            raise io.CheckpointError(message)
+        if ctx.rank == 0:
+            warnings.warn(message + "; trying the previous one", stacklevel=2)
+    return None
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_drift(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(unsafe changes, safe changes) between a checkpoint's config and this run's."""
+    old, new = _flatten(saved), _flatten(current)
+    unsafe, safe = [], []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        line = f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}"
+        section, _, field = key.partition(".")
+        rule = UNSAFE.get(section, ())
+        (unsafe if rule is None or field in rule else safe).append(line)
+    return unsafe, safe
+
+
+def check_compatible(ckpt: io.Checkpoint, config: dict[str, Any], tokenizer_sha256: str) -> None:
+    """Refuse unsafe config changes on resume (ValueError naming them); print the safe ones."""
+    unsafe, safe = config_drift(ckpt.config(), config)
+    saved_sha = ckpt.run_state().get("tokenizer_sha256")
+    if saved_sha and saved_sha != tokenizer_sha256:
+        unsafe.append(
+            f"tokenizer file content: sha256 {saved_sha[:12]}… -> {tokenizer_sha256[:12]}…"
+        )
+    if unsafe:
+        raise io.CheckpointError(
+            f"cannot resume from {ckpt.path}: these config changes would change what the "
+            "checkpoint's weights or data position mean:\n  "
+            + "\n  ".join(unsafe)
+            + "\nrestore them, or start a new run with checkpoint.resume=never and another "
+            "checkpoint.dir"
+        )
+    if safe and dist.get_rank() == 0:
+        print(f"[checkpoint] resuming with config changes: {'; '.join(safe)}", flush=True)
+
+
+def restore(
+    engine: Any,
+    model: nn.Module,
+    ctx: ParallelContext,
+    ckpt: io.Checkpoint,
+    tensors: dict[str, dict[str, torch.Tensor]],
+    reseed: Callable[[int], None],
+) -> dict[str, Any]:
+    """Put the engine where the checkpoint's run was; returns its run state.
+
+    The weights are already in the model (``state.load_weights`` before the engine was built).
+    A weights-only checkpoint (``import-hf``) starts a fresh optimizer and schedule at step 0.
+    """
+    run = ckpt.run_state()
+    step = run["step"] if ckpt.has_optimizer else 0
+    restore_state(engine, ctx, tensors, step)
+    sched = engine.lr_scheduler
+    if step and sched is not None:
+        # The lr is a function of the step: recompute it for this run's (possibly changed)
+        # schedule rather than trusting a saved value.
+        sched.last_epoch = step
+        lrs = [base * fn(step) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(sched.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = lrs
+    engine.global_steps = step
+    engine.global_samples = run.get("consumed_samples", 0) if step else 0
+    engine.micro_steps = step * engine.gradient_accumulation_steps()
+    engine.skipped_steps = run.get("skipped_steps", 0) if step else 0
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    for key, value in (run.get("loss_scaler") or {}).items():
+        if scaler is not None and hasattr(scaler, key):
+            setattr(scaler, key, value)
+    same_layout = all(ckpt.layout.get(k) == v for k, v in _layout(ctx, 0).items() if k != "zero")
+    saved_rng = ckpt.rng(ctx.rank) if same_layout and step else None
+    if saved_rng is not None:
+        set_rng_state(model, saved_rng)
+    else:
+        reseed(step)
+        if step and ctx.rank == 0:
+            print(
+                f"[checkpoint] layout changed ({ckpt.layout} -> {_layout(ctx, 0)}): random "
+                "streams re-seeded from the seed and step",
+                flush=True,
+            )
+    return run
+
+
+def loss_scaler_state(engine: Any) -> dict[str, Any] | None:
+    # fp16 only (bf16 and fp32 have no scaler): the dynamic scale and its counters.
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if scaler is None:
+        return None
+    keys = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+    return {
+        k: getattr(scaler, k) for k in keys if isinstance(getattr(scaler, k, None), int | float)
+    }

@@ -1,0 +1,195 @@
+"""Layout-free training state: whole fp32 tensors by parameter name, whatever the (tp, pp, dp).
+
+A checkpoint stores, for every parameter of the single-device model, its full fp32 value and
+AdamW's ``exp_avg`` / ``exp_avg_sq``, gathered over data parallelism (DeepSpeed's ZeRO
+partitions, through ``deepspeed.utils.safe_get_full_*``) and over tensor parallelism (the shards
+concatenated along their ``partition_dim``). A run at any other layout slices what it needs from
+those whole tensors, so resuming and reshaping are the same operation.
+
+Gathering is collective: every rank of a pipeline stage calls :func:`gather_state` with the same
+parameters in the same order, and every rank ends with the whole tensors. The writing is then
+spread: parameter i of a stage is written by the stage's rank ``i mod (tp * dp)``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_llm.checkpoint.io import CheckpointError
+from megatron_llm.parallel.groups import ParallelContext
+
+OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _is_deepspeed_managed(p: nn.Parameter) -> bool:
+    # ZeRO 3 marks parameters with ds_id; ZeRO 1/2 and the bf16 optimizer link each one to its
+    # fp32 fragment through _hp_mapping. ZeRO 0 in fp32 hands the torch optimizer the params.
+    return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
+
+
+def _base_optimizer(engine: Any) -> torch.optim.Optimizer:
+    # ZeRO and the bf16 optimizer wrap the torch AdamW; plain ZeRO 0 in fp32 hands it over as is.
+    opt = engine.optimizer
+    return opt if isinstance(opt, torch.optim.Optimizer) else opt.optimizer
+
+
+def _link_optimizer_views(engine: Any) -> None:
+    # DeepSpeed 0.19 (ZeRO 1/2, bf16 optimizer) links each parameter to its slice of the flat
+    # AdamW state once, right after the first param group's first step, before the other
+    # groups have state: their parameters stay unlinked and safe_get_full_optimizer_state
+    # fails with "exp_avg not found". Linking again once every group has state fixes it.
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        engine.optimizer._hp_optimizer_states_linked = False
+        link()
+
+
+def _dp_full(engine: Any, p: nn.Parameter, key: str | None) -> torch.Tensor:
+    """This rank's tp shard of a parameter (key None) or of its optimizer state, whole over dp."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    if _is_deepspeed_managed(p):
+        value = (
+            safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
+        )
+    elif key is None:
+        value = p.detach()
+    else:
+        value = _base_optimizer(engine).state[p][key]
+    return value.detach().float().cpu()
+
+
+def _tp_full(value: torch.Tensor, p: nn.Parameter, ctx: ParallelContext) -> torch.Tensor:
+    if ctx.tp == 1 or not getattr(p, "tensor_model_parallel", False):
+        return value
+    parts = [torch.empty_like(value) for _ in range(ctx.tp)]
+    dist.all_gather(parts, value.contiguous(), group=ctx.tp_group)
+    return torch.cat(parts, dim=p.partition_dim)
+
+
+def local_slice(full: torch.Tensor, p: nn.Parameter, ctx: ParallelContext) -> torch.Tensor:
+    """This rank's piece of a whole tensor, as the parameter ``p`` of this layout holds it."""
+    if ctx.tp == 1 or not getattr(p, "tensor_model_parallel", False):
+        return full
+    return full.chunk(ctx.tp, dim=p.partition_dim)[ctx.tp_rank]
+
+
+def writer_of(index: int, ctx: ParallelContext) -> int:
+    """The global rank that writes parameter ``index`` of this rank's pipeline stage."""
+    per_stage = ctx.tp * ctx.dp
+    return ctx.pp_rank * per_stage + index % per_stage
+
+
+def gather_state(
+    engine: Any, ctx: ParallelContext, *, optimizer: bool = True
+) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """(name, {"param", "exp_avg", "exp_avg_sq"}) of the parameters this rank writes.
+
+    Collective over the stage: every rank must exhaust the iterator.
+    """
+    if optimizer:
+        _link_optimizer_views(engine)
+    for i, (name, p) in enumerate(engine.module.named_parameters()):
+        keys = (None, *OPTIM_KEYS) if optimizer else (None,)
+        whole = {k or "param": _tp_full(_dp_full(engine, p, k), p, ctx) for k in keys}
+        if writer_of(i, ctx) == ctx.rank:
+            yield name, whole
+
+
+def load_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Copy whole fp32 tensors into a not-yet-sharded model, checking names and shapes."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: parameters do not match this model (missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}); was it saved with another model config?"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            value = tensors[name]
+            if tuple(value.shape) != tuple(p.shape):
+                raise CheckpointError(
+                    f"{source}: {name} has shape {tuple(value.shape)}, this model expects "
+                    f"{tuple(p.shape)}"
+                )
+            p.copy_(value)
+
+
+def _ensure_optimizer_state(engine: Any, step: int) -> None:
+    # torch's AdamW creates its state on the first step(); a resumed run must hold the state
+    # before that first step, so create it (zeros, overwritten below) and let DeepSpeed link its
+    # per-parameter views onto the flat fp32 partitions.
+    base = _base_optimizer(engine)
+    for group in base.param_groups:
+        for hp in group["params"]:
+            state = base.state[hp]
+            for key in OPTIM_KEYS:
+                if key not in state:
+                    state[key] = torch.zeros_like(hp, memory_format=torch.preserve_format)
+            state["step"] = torch.tensor(float(step), dtype=torch.float32)
+    _link_optimizer_views(engine)
+
+
+def restore_state(
+    engine: Any,
+    ctx: ParallelContext,
+    tensors: Mapping[str, Mapping[str, torch.Tensor]],
+    step: int,
+) -> None:
+    """Set fp32 master weights and AdamW state from whole tensors; every rank calls this.
+
+    The model weights were already loaded before the engine was built (:func:`load_weights`);
+    the fp32 masters are set again here because a bf16 run built them from bf16 weights.
+    ``tensors[name]`` has "param" and, unless the checkpoint holds weights only, the OPTIM_KEYS.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    with_optimizer = all(k in t for t in tensors.values() for k in OPTIM_KEYS)
+    if with_optimizer:
+        _ensure_optimizer_state(engine, step)
+    base = _base_optimizer(engine)
+    for name, p in engine.module.named_parameters():
+        whole = tensors[name]
+        if _is_deepspeed_managed(p):
+            safe_set_full_fp32_param(p, local_slice(whole["param"], p, ctx))
+            if with_optimizer:
+                for key in OPTIM_KEYS:
+                    safe_set_full_optimizer_state(p, local_slice(whole[key], p, ctx), key)
+        elif with_optimizer:
+            for key in OPTIM_KEYS:
+                base.state[p][key].copy_(local_slice(whole[key], p, ctx))
+
+
+def rng_state(model: nn.Module) -> dict[str, Any]:
+    """Every random stream this rank draws from: python, numpy, torch (CPU, CUDA), tp forks."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    tp_rng = getattr(model, "tp_rng", None)
+    if tp_rng is not None:
+        state["tp_fork"] = {"torch": tp_rng.state, "cuda": tp_rng.cuda_state}
+    return state
+
+
+def set_rng_state(model: nn.Module, state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    tp_rng = getattr(model, "tp_rng", None)
+    if tp_rng is not None and "tp_fork" in state:
+        tp_rng.state = state["tp_fork"]["torch"]
+        tp_rng.cuda_state = state["tp_fork"]["cuda"]
