@@ -20,10 +20,13 @@ from megatron_llm.model.config import ModelConfig
 
 
 class Norm(nn.Module):
+    kernels = "auto"  # model.kernels; a class default for subclasses that skip __init__
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.kind = cfg.norm
         self.eps = cfg.norm_eps
+        self.kernels = cfg.kernels
         self.weight = nn.Parameter(torch.ones(cfg.hidden_size))
         self.bias = nn.Parameter(torch.zeros(cfg.hidden_size)) if cfg.norm == "layernorm" else None
 
@@ -34,8 +37,8 @@ class Norm(nn.Module):
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
         if self.kind == "rmsnorm":
-            return kernels.rms_norm(x, weight, self.eps)
-        return kernels.layer_norm(x, weight, bias, self.eps)
+            return kernels.rms_norm(x, weight, self.eps, self.kernels)
+        return kernels.layer_norm(x, weight, bias, self.eps, self.kernels)
 
 
 class Embedding(nn.Embedding):
@@ -81,6 +84,7 @@ class Attention(nn.Module):
         self.out = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.bias)
         self.rotary = Rotary(cfg) if cfg.position == "rope" else None
         self.dropout = cfg.attention_dropout
+        self.kernels = cfg.kernels
         # Tensor parallelism splits the heads, so their dropout needs a per-rank RNG stream.
         self.dropout_rng = contextlib.nullcontext
 
@@ -94,7 +98,8 @@ class Attention(nn.Module):
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
         with self.dropout_rng():
-            y = kernels.causal_attention(q, k, v, self.dropout if self.training else 0.0)
+            dropout = self.dropout if self.training else 0.0
+            y = kernels.causal_attention(q, k, v, dropout, self.kernels)
         # (batch, heads, seq, head_dim) -> (batch, seq, heads * head_dim)
         return self.out(y.transpose(1, 2).flatten(2))
 
