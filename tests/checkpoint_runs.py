@@ -59,3 +59,14 @@ def train_run(argv: list[str]) -> dict[str, Any]:
     summary["batches"] = seen
     summary["rank"] = ctx.rank
     return summary
+
+
+def train_runs(runs: list[list[str]]) -> list[dict[str, Any]]:
+    """Several runs one after the other on the same ranks (a spawn costs seconds per rank)."""
+    import torch.distributed as dist
+
+    results = []
+    for argv in runs:
+        results.append(train_run(argv))
+        dist.barrier()
+    return results

@@ -15,17 +15,25 @@ import yaml
 from torch import nn
 
 from megatron_llm.checkpoint import io
-from megatron_llm.checkpoint.state import gather_state, restore_state, rng_state, set_rng_state
+from megatron_llm.checkpoint.state import (
+    gather_state,
+    optimizer_step,
+    restore_state,
+    rng_state,
+    set_rng_state,
+)
 from megatron_llm.parallel.groups import ParallelContext
 
 # Config fields a resumed run may not change: they would make the weights, the data order or
 # the token ids mean something else. Every other change (steps, schedule, logging, eval,
 # checkpointing, parallel layout) is allowed and printed.
 UNSAFE = {
-    "model": None,  # every field: the shapes and the computation
+    "model": None,  # every field but SAFE_MODEL_FIELDS: the shapes and the computation
     "data": ("prefixes", "weights", "split", "tokenizer"),
     "train": ("seed",),
 }
+# Model fields that change how, not what, is computed.
+SAFE_MODEL_FIELDS = ("kernels",)
 
 
 def _broadcast(obj: Any) -> Any:
@@ -167,6 +175,8 @@ def config_drift(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[s
         line = f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}"
         section, _, field = key.partition(".")
         rule = UNSAFE.get(section, ())
+        if section == "model" and field in SAFE_MODEL_FIELDS:
+            rule = ()
         (unsafe if rule is None or field in rule else safe).append(line)
     return unsafe, safe
 
@@ -206,7 +216,7 @@ def restore(
     """
     run = ckpt.run_state()
     step = run["step"] if ckpt.has_optimizer else 0
-    restore_state(engine, ctx, tensors, step)
+    restore_state(engine, ctx, tensors, run.get("optimizer_step", step) if step else 0)
     sched = engine.lr_scheduler
     if step and sched is not None:
         # The lr is a function of the step: recompute it for this run's (possibly changed)
@@ -220,7 +230,7 @@ def restore(
     engine.global_samples = run.get("consumed_samples", 0) if step else 0
     engine.micro_steps = step * engine.gradient_accumulation_steps()
     engine.skipped_steps = run.get("skipped_steps", 0) if step else 0
-    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    scaler = _loss_scaler(engine)
     for key, value in (run.get("loss_scaler") or {}).items():
         if scaler is not None and hasattr(scaler, key):
             setattr(scaler, key, value)
@@ -239,9 +249,24 @@ def restore(
     return run
 
 
+def engine_state(engine: Any) -> dict[str, Any]:
+    """The engine's counters a resumed run must continue from (for run_state.json)."""
+    return {
+        "optimizer_step": optimizer_step(engine),
+        "skipped_steps": engine.skipped_steps,
+        "loss_scaler": loss_scaler_state(engine),
+    }
+
+
+def _loss_scaler(engine: Any) -> Any:
+    # ZeRO's optimizers hold a `loss_scaler`; DeepSpeed's ZeRO-0 16-bit one a `loss_scale_config`.
+    opt = engine.optimizer
+    return getattr(opt, "loss_scaler", None) or getattr(opt, "loss_scale_config", None)
+
+
 def loss_scaler_state(engine: Any) -> dict[str, Any] | None:
-    # fp16 only (bf16 and fp32 have no scaler): the dynamic scale and its counters.
-    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    # The dynamic loss scale and its counters (fp16; static 1.0 in bf16, absent in fp32).
+    scaler = _loss_scaler(engine)
     if scaler is None:
         return None
     keys = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")

@@ -51,18 +51,31 @@ def _link_optimizer_views(engine: Any) -> None:
         link()
 
 
-def _dp_full(engine: Any, p: nn.Parameter, key: str | None) -> torch.Tensor:
+def _masters(engine: Any) -> dict[int, torch.Tensor]:
+    """id(model param) -> its fp32 master, for optimizers that keep one master per parameter.
+
+    ZeRO 0 in bf16/fp16 (DeepSpeed's FP16_UnfusedOptimizer) keeps fp32 copies beside the
+    16-bit parameters; ZeRO 0 in fp32 optimizes the parameters themselves.
+    """
+    opt = engine.optimizer
+    pairs = zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", []))
+    return {id(lp): hp for lps, hps in pairs for lp, hp in zip(lps, hps)}
+
+
+def _dp_full(
+    engine: Any, p: nn.Parameter, key: str | None, masters: dict[int, torch.Tensor]
+) -> torch.Tensor:
     """This rank's tp shard of a parameter (key None) or of its optimizer state, whole over dp."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     if _is_deepspeed_managed(p):
-        value = (
-            safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
-        )
-    elif key is None:
-        value = p.detach()
+        if key is None:
+            value = safe_get_full_fp32_param(p)
+        else:
+            value = safe_get_full_optimizer_state(p, key)
     else:
-        value = _base_optimizer(engine).state[p][key]
+        master = masters.get(id(p), p)
+        value = master.detach() if key is None else _base_optimizer(engine).state[master][key]
     return value.detach().float().cpu()
 
 
@@ -96,9 +109,10 @@ def gather_state(
     """
     if optimizer:
         _link_optimizer_views(engine)
+    masters = _masters(engine)
     for i, (name, p) in enumerate(engine.module.named_parameters()):
         keys = (None, *OPTIM_KEYS) if optimizer else (None,)
-        whole = {k or "param": _tp_full(_dp_full(engine, p, k), p, ctx) for k in keys}
+        whole = {k or "param": _tp_full(_dp_full(engine, p, k, masters), p, ctx) for k in keys}
         if writer_of(i, ctx) == ctx.rank:
             yield name, whole
 
@@ -124,18 +138,26 @@ def load_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: 
             p.copy_(value)
 
 
-def _ensure_optimizer_state(engine: Any, step: int) -> None:
+def optimizer_step(engine: Any) -> float:
+    """AdamW's own step count (its bias correction), which is not always the training step:
+    DeepSpeed's ZeRO-0 bf16/fp16 optimizer takes one zero-gradient step when it is built."""
+    steps = [float(s["step"]) for s in _base_optimizer(engine).state.values() if "step" in s]
+    return max(steps, default=0.0)
+
+
+def _ensure_optimizer_state(engine: Any, step: float) -> None:
     # torch's AdamW creates its state on the first step(); a resumed run must hold the state
     # before that first step, so create it (zeros, overwritten below) and let DeepSpeed link its
     # per-parameter views onto the flat fp32 partitions.
     base = _base_optimizer(engine)
-    for group in base.param_groups:
-        for hp in group["params"]:
-            state = base.state[hp]
-            for key in OPTIM_KEYS:
-                if key not in state:
-                    state[key] = torch.zeros_like(hp, memory_format=torch.preserve_format)
-            state["step"] = torch.tensor(float(step), dtype=torch.float32)
+    flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO 3's masters
+    hps = flat if flat is not None else [hp for g in base.param_groups for hp in g["params"]]
+    for hp in hps:
+        state = base.state[hp]
+        for key in OPTIM_KEYS:
+            if key not in state:
+                state[key] = torch.zeros_like(hp, memory_format=torch.preserve_format)
+        state["step"] = torch.tensor(float(step), dtype=torch.float32)
     _link_optimizer_views(engine)
 
 
@@ -143,20 +165,21 @@ def restore_state(
     engine: Any,
     ctx: ParallelContext,
     tensors: Mapping[str, Mapping[str, torch.Tensor]],
-    step: int,
+    step: float,
 ) -> None:
     """Set fp32 master weights and AdamW state from whole tensors; every rank calls this.
 
     The model weights were already loaded before the engine was built (:func:`load_weights`);
     the fp32 masters are set again here because a bf16 run built them from bf16 weights.
-    ``tensors[name]`` has "param" and, unless the checkpoint holds weights only, the OPTIM_KEYS.
+    ``tensors[name]`` has "param" and, unless the checkpoint holds weights only, the OPTIM_KEYS;
+    ``step`` is AdamW's step count to restore (:func:`optimizer_step` of the saving run).
     """
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     with_optimizer = all(k in t for t in tensors.values() for k in OPTIM_KEYS)
     if with_optimizer:
         _ensure_optimizer_state(engine, step)
-    base = _base_optimizer(engine)
+    base, masters = _base_optimizer(engine), _masters(engine)
     for name, p in engine.module.named_parameters():
         whole = tensors[name]
         if _is_deepspeed_managed(p):
@@ -164,9 +187,13 @@ def restore_state(
             if with_optimizer:
                 for key in OPTIM_KEYS:
                     safe_set_full_optimizer_state(p, local_slice(whole[key], p, ctx), key)
-        elif with_optimizer:
+            continue
+        master = masters.get(id(p), p)
+        with torch.no_grad():
+            master.copy_(local_slice(whole["param"], p, ctx))
+        if with_optimizer:
             for key in OPTIM_KEYS:
-                base.state[p][key].copy_(local_slice(whole[key], p, ctx))
+                base.state[master][key].copy_(local_slice(whole[key], p, ctx))
 
 
 def rng_state(model: nn.Module) -> dict[str, Any]:

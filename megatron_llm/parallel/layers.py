@@ -136,7 +136,7 @@ class SequenceParallelNorm(Norm):
 
     def __init__(self, norm: Norm, tp: TensorParallel) -> None:
         nn.Module.__init__(self)
-        self.kind, self.eps, self.tp = norm.kind, norm.eps, tp
+        self.kind, self.eps, self.kernels, self.tp = norm.kind, norm.eps, norm.kernels, tp
         self.weight, self.bias = norm.weight, norm.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

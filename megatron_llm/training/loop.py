@@ -151,9 +151,8 @@ def save_checkpoint(cfg: RunConfig, ctx: ParallelContext, run: dict[str, Any], s
         "consumed_samples": consumed,
         "tokens_seen": consumed * cfg.model.seq_length,
         "train_samples": run["train_samples"],
-        "skipped_steps": run["engine"].skipped_steps,
         "tokenizer_sha256": run["tokenizer"].sha256,
-        "loss_scaler": ckpt_run.loss_scaler_state(run["engine"]),
+        **ckpt_run.engine_state(run["engine"]),
     }
     c = cfg.checkpoint
     path = ckpt_run.save(

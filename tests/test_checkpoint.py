@@ -1,0 +1,130 @@
+"""Checkpoints: bitwise resume, reshaping, atomic saves, pre-emption, drift, retention, CLI.
+
+The runs are the real training loop on real shards over gloo ranks (tests/checkpoint_runs.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.checkpoint_runs import overrides, train_runs
+from tests.data_fixtures import Shard
+from tests.distributed import run_on_ranks
+
+
+def _args(run_dir: Path, shard: Shard, bpe_model: Path, *extra: str) -> list[str]:
+    return overrides(str(run_dir), shard.prefix, str(bpe_model), *extra)
+
+
+def _straight_vs_resumed(tmp_path: Path, shard: Shard, bpe_model: Path, *layout: str) -> None:
+    """6 steps straight == 3 steps, stop, resume, 3 steps: losses bitwise, the same batches."""
+    world = math.prod(
+        int(o.split("=")[1]) for o in layout if o.split("=")[0] in ("parallel.tp", "parallel.dp")
+    )
+    common = [
+        *layout,
+        "train.steps=6",
+        "train.grad_accum_steps=2",
+        "model.dropout=0.1",
+        "model.attention_dropout=0.1",
+    ]
+    straight, first, resumed = zip(
+        *run_on_ranks(
+            world,
+            train_runs,
+            [
+                _args(tmp_path / "straight", shard, bpe_model, *common),
+                _args(tmp_path / "resumed", shard, bpe_model, *common, "train.exit_interval=3"),
+                _args(tmp_path / "resumed", shard, bpe_model, *common),
+            ],
+        )
+    )
+    assert first[0]["stopped"] == "train.exit_interval=3 reached"
+    assert resumed[0]["first_step"] == 4
+    assert straight[0]["losses"] == first[0]["losses"] + resumed[0]["losses"]  # bitwise
+    for rank in range(world):
+        assert straight[rank]["batches"] == first[rank]["batches"] + resumed[rank]["batches"]
+    # The metrics file of the resumed run holds every step once.
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed/metrics.jsonl").open()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize(
+    "zero, precision", [(1, "fp32"), (0, "fp32"), (3, "fp32"), (1, "bf16"), (0, "bf16")]
+)
+def test_resume_is_bitwise_at_dp2(
+    tmp_path: Path, email_shard: Shard, bpe_model: Path, zero: int, precision: str
+) -> None:
+    layout = ["parallel.dp=2", f"parallel.zero_stage={zero}", f"train.precision={precision}"]
+    _straight_vs_resumed(tmp_path, email_shard, bpe_model, *layout, "train.micro_batch_size=2")
+
+
+def test_resume_is_bitwise_at_tp2(tmp_path: Path, email_shard: Shard, bpe_model: Path) -> None:
+    _straight_vs_resumed(
+        tmp_path,
+        email_shard,
+        bpe_model,
+        "parallel.tp=2",
+        "parallel.dp=1",
+        "parallel.sequence_parallel=true",
+        "train.micro_batch_size=4",
+    )
+
+
+def _reshape_runs(tmp: Path, shard: Shard, bpe_model: Path, save_at: str, load_at: str) -> list:
+    """Save at one layout after 3 of 6 steps; continue at the same layout and at another."""
+    common = ["train.steps=6"]
+    saved = tmp / "saved/checkpoints/global_step3"
+    return [
+        _args(tmp / "saved", shard, bpe_model, *common, *LAYOUTS[save_at], "train.exit_interval=3"),
+        *(
+            _args(
+                tmp / name,
+                shard,
+                bpe_model,
+                *common,
+                *LAYOUTS[name],
+                f"checkpoint.resume={saved}",
+                "checkpoint.save_at_end=false",
+            )
+            for name in (save_at, load_at)
+        ),
+    ]
+
+
+LAYOUTS = {
+    "tp2dp2": [
+        "parallel.tp=2",
+        "parallel.dp=2",
+        "parallel.zero_stage=1",
+        "train.micro_batch_size=2",
+    ],
+    "tp1dp4": [
+        "parallel.tp=1",
+        "parallel.dp=4",
+        "parallel.zero_stage=1",
+        "train.micro_batch_size=1",
+    ],
+    "tp4dp1": [
+        "parallel.tp=4",
+        "parallel.dp=1",
+        "parallel.zero_stage=0",
+        "train.micro_batch_size=4",
+    ],
+}
+
+
+def test_reshape_continues_with_the_same_losses(
+    tmp_path: Path, email_shard: Shard, bpe_model: Path
+) -> None:
+    """tp2 dp2 -> tp1 dp4, and tp1 dp4 -> tp4 dp1 (ZeRO 1 -> 0), optimizer state included."""
+    runs = _reshape_runs(tmp_path / "a", email_shard, bpe_model, "tp2dp2", "tp1dp4")
+    runs += _reshape_runs(tmp_path / "b", email_shard, bpe_model, "tp1dp4", "tp4dp1")
+    results = run_on_ranks(4, train_runs, runs)[0]  # rank 0's summaries
+    for same, other in ((results[1], results[2]), (results[4], results[5])):
+        assert same["first_step"] == other["first_step"] == 4
+        assert other["losses"] == pytest.approx(same["losses"], rel=1e-5)
