@@ -70,3 +70,48 @@ def train_runs(runs: list[list[str]]) -> list[dict[str, Any]]:
         results.append(train_run(argv))
         dist.barrier()
     return results
+
+
+def hf_round_trip(argv: list[str], work: str) -> dict[str, Any]:
+    """Train, export to transformers, compare logits, import back, train from the import."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megatron_llm.checkpoint import io
+    from megatron_llm.checkpoint.__main__ import main as ckpt_cli
+    from megatron_llm.checkpoint.state import load_weights
+    from megatron_llm.config import from_dict
+    from megatron_llm.model import GPT
+
+    trained = train_run(argv)
+    ckpt = io.Checkpoint.open(trained["checkpoint"])
+    cfg = from_dict(ckpt.config())
+    weights = ckpt.weights()
+    ours = GPT(cfg.model, weights["embed.weight"].shape[0])
+    load_weights(ours, weights, "test")
+    assert ckpt_cli(["export-hf", trained["checkpoint"], f"{work}/hf"]) == 0
+    theirs = AutoModelForCausalLM.from_pretrained(f"{work}/hf", dtype=torch.float32)
+    tokens = torch.randint(
+        0, 500, (2, cfg.model.seq_length), generator=torch.Generator().manual_seed(1)
+    )
+    with torch.no_grad():
+        diff = (ours.eval()(tokens) - theirs.eval()(tokens).logits).abs().max().item()
+    tokenizer = [a for a in argv if a.startswith("data.tokenizer=")]
+    assert ckpt_cli(["import-hf", f"{work}/hf", f"{work}/imported", *tokenizer]) == 0
+    imported = io.Checkpoint.open(f"{work}/imported/global_step0").weights()
+    same = sorted(imported) == sorted(weights) and all(
+        torch.equal(imported[n], weights[n]) for n in weights
+    )
+    resumed = train_run([*argv, f"checkpoint.resume={work}/imported/global_step0"])
+    return {
+        "class": type(theirs).__name__,
+        "max_logit_diff": diff,
+        "weights_identical": same,
+        "first_step_from_import": resumed["first_step"],
+        "first_loss_from_import": resumed["losses"][0],
+        "first_loss_trained": trained["losses"][0],
+    }
+
+
+def hf_round_trips(runs: list[tuple[list[str], str]]) -> list[dict[str, Any]]:
+    return [hf_round_trip(argv, work) for argv, work in runs]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.checkpoint_runs import overrides, train_runs
+from tests.checkpoint_runs import hf_round_trips, overrides, train_runs
 from tests.data_fixtures import Shard
 from tests.distributed import run_on_ranks
 
@@ -128,3 +128,23 @@ def test_reshape_continues_with_the_same_losses(
     for same, other in ((results[1], results[2]), (results[4], results[5])):
         assert same["first_step"] == other["first_step"] == 4
         assert other["losses"] == pytest.approx(same["losses"], rel=1e-5)
+
+
+def test_hugging_face_round_trip(tmp_path: Path, email_shard: Shard, bpe_model: Path) -> None:
+    """Export each style to transformers: same logits; import back: the same weights."""
+    styles = {
+        "gpt2": ["model.style=gpt2"],
+        "llama": ["model.style=llama", "model.num_kv_heads=2", "model.tie_embeddings=false"],
+    }
+    runs = [
+        (_args(tmp_path / s, email_shard, bpe_model, *o, "train.steps=2"), str(tmp_path / s))
+        for s, o in styles.items()
+    ]
+    gpt2, llama = run_on_ranks(1, hf_round_trips, runs)[0]
+    assert (gpt2["class"], llama["class"]) == ("GPT2LMHeadModel", "LlamaForCausalLM")
+    for result in (gpt2, llama):
+        assert result["max_logit_diff"] < 1e-5
+        assert result["weights_identical"]
+        # Training from the import starts at step 1 from the trained weights, not a fresh init.
+        assert result["first_step_from_import"] == 1
+        assert result["first_loss_from_import"] < result["first_loss_trained"]

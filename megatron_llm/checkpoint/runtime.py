@@ -182,7 +182,13 @@ def config_drift(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[s
 
 
 def check_compatible(ckpt: io.Checkpoint, config: dict[str, Any], tokenizer_sha256: str) -> None:
-    """Refuse unsafe config changes on resume (ValueError naming them); print the safe ones."""
+    """Refuse unsafe config changes on resume (ValueError naming them); print the safe ones.
+
+    A weights-only checkpoint (``import-hf``) starts a new run: its data and schedule are this
+    run's own, and ``state.load_weights`` checks the model's names and shapes.
+    """
+    if not ckpt.has_optimizer:
+        return
     unsafe, safe = config_drift(ckpt.config(), config)
     saved_sha = ckpt.run_state().get("tokenizer_sha256")
     if saved_sha and saved_sha != tokenizer_sha256:

@@ -1,0 +1,238 @@
+"""Inspect, verify and convert checkpoints.
+
+    python -m megatron_llm.checkpoint list runs/x/checkpoints
+    python -m megatron_llm.checkpoint verify runs/x/checkpoints [--step N]
+    python -m megatron_llm.checkpoint export-hf runs/x/checkpoints out/hf [--step N]
+    python -m megatron_llm.checkpoint import-hf out/hf runs/y/checkpoints [CONFIG] [a.b=value ...]
+
+A checkpoint argument is a checkpoint folder (``global_step<N>``) or a checkpoint dir (its
+``latest``, or --step N). ``import-hf`` writes a weights-only checkpoint (step 0, no optimizer
+state) with a run config whose ``model`` section comes from the HF folder; start training from it
+with ``deepspeed launch/pretrain.sh CONFIG checkpoint.resume=<that folder>``.
+Exit status: 0 ok, 1 a checkpoint failed verification, 2 bad arguments or unusable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from megatron_llm.checkpoint import hf, io
+from megatron_llm.config import ConfigError, from_dict, load_config
+from megatron_llm.config import _apply_override as apply_override
+
+
+def resolve(path: str, step: int | None) -> io.Checkpoint:
+    """The checkpoint a CLI argument names."""
+    p = Path(path)
+    if step is not None:
+        p = p / io.tag_for(step)
+    elif not (p / "manifest.json").exists():
+        latest = io.read_latest(p)
+        found = [c for c in io.candidates(p) if c.name == latest] or io.candidates(p)
+        if not found:
+            raise io.CheckpointError(f"{path}: no checkpoint folder there")
+        p = found[0]
+    return io.Checkpoint.open(p)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    rows = []
+    for path in sorted(io.candidates(args.dir), key=lambda c: io.step_of(c) or 0):
+        try:
+            rows.append(io.describe(io.Checkpoint.open(path)))
+        except (io.CheckpointError, OSError, json.JSONDecodeError) as e:
+            rows.append({"tag": path.name, "error": str(e)})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    latest = io.read_latest(Path(args.dir))
+    print(f"{'tag':<22}{'step':>8}{'tokens':>14}  {'layout':<22}{'size':>10}  saved")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['tag']:<22}  unreadable: {r['error']}")
+            continue
+        lay = r["layout"]
+        layout = f"tp{lay['tp']} pp{lay['pp']} dp{lay['dp']} z{lay['zero']}"
+        mark = " <- latest" if r["tag"] == latest else ""
+        tokens = f"{r['tokens_seen']:,}" if r["tokens_seen"] is not None else "-"
+        print(
+            f"{r['tag']:<22}{r['step']:>8}{tokens:>14}  {layout:<22}"
+            f"{r['bytes'] / 2**20:>8.1f}MB  {r['saved_at']}{mark}"
+        )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    ckpt = resolve(args.path, args.step)
+    problems = ckpt.problems(checksums=True)
+    for p in problems:
+        print(f"FAIL {p}")
+    if not problems:
+        n = len(ckpt.manifest["files"])
+        print(f"OK {ckpt.path}: {n} files match the manifest's sizes and sha256")
+    return 1 if problems else 0
+
+
+def _run_config(ckpt: io.Checkpoint) -> Any:
+    return from_dict(ckpt.config(), source=str(ckpt.path / "config.yaml"))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import transformers
+
+    ckpt = resolve(args.path, args.step)
+    cfg = _run_config(ckpt)
+    weights = ckpt.weights()
+    vocab = weights["embed.weight"].shape[0]
+    tokenizer = Path(cfg.data.tokenizer)
+    eod = _eod(tokenizer)
+    config = hf.hf_config(cfg.model, vocab, eod)
+    cls = (
+        transformers.GPT2LMHeadModel if cfg.model.style == "gpt2" else transformers.LlamaForCausalLM
+    )
+    model = cls(config)
+    state = hf.to_hf(cfg.model, weights)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise hf.ConversionError(f"HF model mismatch: missing {missing}, unexpected {unexpected}")
+    out = Path(args.out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if tokenizer.is_file():
+        # The run's own tokenizer file, byte for byte (a sentencepiece model or tokenizer.json).
+        name = "tokenizer.json" if tokenizer.suffix == ".json" else "tokenizer.model"
+        shutil.copyfile(tokenizer, tmp / name)
+    (tmp / "megatron_llm.json").write_text(
+        json.dumps({"checkpoint": str(ckpt.path), "step": ckpt.step, "eod": eod}, indent=2) + "\n"
+    )
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    print(f"exported {ckpt.path} (step {ckpt.step}) to {out} as {cls.__name__}")
+    return 0
+
+
+def _eod(tokenizer: Path) -> int | None:
+    if not tokenizer.exists():
+        return None
+    from megatron_llm.data.tokenizer import Tokenizer
+
+    return Tokenizer(str(tokenizer)).eod
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    import transformers
+
+    hf_dir = Path(args.hf_dir)
+    hf_cfg = transformers.AutoConfig.from_pretrained(hf_dir)
+    fields = hf.model_fields(hf_cfg)
+    raw = load_config(args.config, args.overrides).to_dict()
+    # The model is the HF model's; model.* overrides on the command line (seq_length, dropout,
+    # ...) still apply on top.
+    raw["model"] = fields
+    for item in args.overrides:
+        if item.startswith("model."):
+            apply_override(raw, item)
+    cfg = from_dict(raw, source=f"{hf_dir} + {args.config or 'defaults'}")
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    weights = hf.from_hf(cfg.model, model.state_dict())
+    if "pos_embed.weight" in weights:
+        table = weights["pos_embed.weight"]
+        if cfg.model.seq_length > table.shape[0]:
+            raise hf.ConversionError(
+                f"model.seq_length={cfg.model.seq_length} exceeds the {table.shape[0]} learned "
+                "positions of the HF model"
+            )
+        weights["pos_embed.weight"] = table[: cfg.model.seq_length].clone()
+    path = write_weights_only(Path(args.out), weights, cfg.to_dict())
+    print(f"imported {hf_dir} into {path}; train from it with checkpoint.resume={path}")
+    return 0
+
+
+def write_weights_only(root: Path, weights: dict[str, torch.Tensor], config: dict) -> Path:
+    """A step-0 checkpoint holding model weights only (fresh optimizer when loaded)."""
+    tmp = io.new_tmp_dir(root, 0)
+    files = {"model-00000.pt": io.save_file(weights, tmp / "model-00000.pt")}
+    run_state = {"step": 0, "consumed_samples": 0, "tokens_seen": 0}
+    files["run_state.json"] = io.write_text_file(
+        tmp / "run_state.json", json.dumps(run_state, indent=2) + "\n"
+    )
+    files["config.yaml"] = io.write_text_file(
+        tmp / "config.yaml", yaml.safe_dump(config, sort_keys=False)
+    )
+    manifest = {
+        "format": io.FORMAT,
+        "version": io.VERSION,
+        "step": 0,
+        "saved_at": None,
+        "layout": {"tp": 1, "pp": 1, "dp": 1, "world_size": 1, "zero": 0},
+        "optimizer": False,
+        "tensors": {
+            n: {"file": "model-00000.pt", "shape": list(t.shape)}
+            for n, t in sorted(weights.items())
+        },
+        "files": dict(sorted(files.items())),
+    }
+    io.write_text_file(tmp / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    return io.publish(tmp, root, 0)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_llm.checkpoint",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("list", help="the checkpoints in a dir: step, tokens, layout, size")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(fn=cmd_list)
+    p = sub.add_parser("verify", help="check every file against the manifest (sizes, sha256)")
+    p.add_argument("path", help="a checkpoint folder or a checkpoint dir")
+    p.add_argument("--step", type=int, help="in a checkpoint dir: this step instead of latest")
+    p.set_defaults(fn=cmd_verify)
+    p = sub.add_parser("export-hf", help="write a transformers folder (GPT-2 or Llama)")
+    p.add_argument("path", help="a checkpoint folder or a checkpoint dir")
+    p.add_argument("out", help="output folder (replaced if it exists)")
+    p.add_argument("--step", type=int, help="in a checkpoint dir: this step instead of latest")
+    p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("import-hf", help="a weights-only checkpoint from a transformers folder")
+    p.add_argument("hf_dir")
+    p.add_argument("out", help="checkpoint dir to write global_step0 into")
+    p.add_argument("config", nargs="?", help="run config YAML for the non-model sections")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    p.set_defaults(fn=cmd_import)
+    args = parser.parse_args(argv)
+    if args.command == "import-hf" and args.config and "=" in args.config:
+        args.overrides.insert(0, args.config)
+        args.config = None
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return args.fn(args)
+    except (io.CheckpointError, hf.ConversionError, ConfigError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        print(
+            f"error: {e}; export-hf and import-hf need `pip install transformers`", file=sys.stderr
+        )
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
