@@ -129,7 +129,9 @@ def _init(model: str) -> None:
 
 def _raw(docs: list[str]) -> int:
     assert _sp is not None
-    return sum(len(ids) for ids in _sp.encode(docs))
+    # One thread per process: sentencepiece's default (-1) starts a thread per hardware core,
+    # which would give "1 worker" every core of the machine.
+    return sum(len(ids) for ids in _sp.encode(docs, num_threads=1))
 
 
 def raw_encode(docs: list[str], model: Path, workers: int) -> tuple[float, int]:

@@ -1,4 +1,7 @@
-"""Tokenizing chunks of documents in order, in this process or in a pool of worker processes.
+"""Parsing and tokenizing chunks of raw input in order, in this process or in worker processes.
+
+A chunk travels as raw bytes (Pieces of whole lines): the JSON parsing, UTF-8 checks and
+tokenizing all happen in the worker, so the parent only reads, writes and keeps count.
 
 Kept apart from preprocess.py and free of torch/megatron imports so that worker processes start
 in a fraction of a second under any multiprocessing start method.
@@ -7,7 +10,7 @@ in a fraction of a second under any multiprocessing start method.
 from __future__ import annotations
 
 import multiprocessing
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.pool import AsyncResult, Pool
@@ -15,7 +18,7 @@ from types import TracebackType
 
 import numpy as np
 
-from data_tools.inputs import Position
+from data_tools.inputs import Parsed, Piece, Position, Problem, parse_piece
 from megatron_llm.data.tokenizer import Tokenizer
 
 _worker_tokenizer: Tokenizer | None = None
@@ -23,27 +26,31 @@ _worker_tokenizer: Tokenizer | None = None
 
 @dataclass
 class Chunk:
-    items: list[tuple[str, str]] = field(default_factory=list)  # (json key, text) in file order
+    pieces: list[Piece] = field(default_factory=list)  # raw input, in file order
     nbytes: int = 0  # raw input bytes the chunk covers, bad documents included
     end: tuple[int, Position] = (0, Position())  # input file index and position after it
     last_of_shard: bool = False  # the output shard is complete after this chunk
-    skipped: dict[str, Counter[str]] = field(default_factory=dict)  # key -> reason -> count
 
 
-Encoded = tuple[np.ndarray, np.ndarray]  # (all tokens concatenated, each document's length)
+@dataclass
+class Encoded:
+    tokens: dict[str, tuple[np.ndarray, np.ndarray]]  # key -> (all tokens, each doc's length)
+    bad: list[tuple[str, dict[str, Problem]]]  # (file:line, key -> why) per bad document
 
 
-def encode_documents(tokenizer: Tokenizer, texts: list[str], dtype: type) -> Encoded:
-    """Token ids of each text followed by the EOS id, concatenated in the shard's dtype.
+def encode_chunk(
+    tokenizer: Tokenizer, pieces: list[Piece], keys: list[str], max_doc_bytes: int, dtype: type
+) -> Encoded:
+    """Every usable document of the pieces as token ids followed by EOS, per key.
 
-    One array per chunk, not per document: it pickles from a worker and writes to disk in one
-    call each.
+    One array per key and chunk, not per document: it pickles from a worker and writes to disk
+    in one call each.
     """
-    eod = tokenizer.eod
-    encoded = tokenizer.encode_batch(texts)
-    lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int32, count=len(encoded))
-    flat = [i for ids in encoded for i in (*ids, eod)]
-    return np.array(flat, dtype=dtype), lengths
+    parsed = Parsed.empty(keys)
+    for piece in pieces:
+        parse_piece(piece, keys, max_doc_bytes, parsed)
+    tokens = {key: tokenizer.encode_documents(parsed.texts[key], dtype) for key in keys}
+    return Encoded(tokens, parsed.bad)
 
 
 def _init_worker(model_path: str) -> None:
@@ -51,21 +58,25 @@ def _init_worker(model_path: str) -> None:
     _worker_tokenizer = Tokenizer(model_path)  # once per worker, not once per chunk
 
 
-def _encode_in_worker(texts: list[str], dtype: type) -> Encoded:
+def _encode_in_worker(pieces: list[Piece], keys: list[str], limit: int, dtype: type) -> Encoded:
     assert _worker_tokenizer is not None, "worker started without _init_worker"
-    return encode_documents(_worker_tokenizer, texts, dtype)
+    return encode_chunk(_worker_tokenizer, pieces, keys, limit, dtype)
 
 
 class Encoder:
-    """Maps chunks to their token arrays, keeping input order.
+    """Maps chunks to their tokens, keeping input order.
 
-    With several workers, at most 2 x workers chunks are in flight: Pool.imap would be simpler
-    but its feeder thread drains the input iterator without bound, i.e. reads the whole corpus
-    into memory when tokenizing is slower than reading.
+    With one worker, in this process (no copies between processes). With several, at most
+    2 x workers chunks are in flight: Pool.imap would be simpler but its feeder thread drains
+    the input iterator without bound, i.e. reads the whole corpus into memory when tokenizing
+    is slower than reading.
     """
 
-    def __init__(self, tokenizer: Tokenizer, dtype: type, workers: int) -> None:
-        self.tokenizer, self.dtype, self.workers = tokenizer, dtype, workers
+    def __init__(
+        self, tokenizer: Tokenizer, keys: list[str], max_doc_bytes: int, dtype: type, workers: int
+    ) -> None:
+        self.tokenizer, self.workers = tokenizer, workers
+        self.args = (keys, max_doc_bytes, dtype)
         self.pool: Pool | None = None
 
     def __enter__(self) -> Encoder:
@@ -89,11 +100,11 @@ class Encoder:
     def map(self, chunks: Iterable[Chunk]) -> Iterator[tuple[Chunk, Encoded]]:
         if self.pool is None:
             for chunk in chunks:
-                yield chunk, encode_documents(self.tokenizer, _texts(chunk), self.dtype)
+                yield chunk, encode_chunk(self.tokenizer, chunk.pieces, *self.args)
             return
         pending: deque[tuple[Chunk, AsyncResult[Encoded]]] = deque()
         for chunk in chunks:
-            task = self.pool.apply_async(_encode_in_worker, (_texts(chunk), self.dtype))
+            task = self.pool.apply_async(_encode_in_worker, (chunk.pieces, *self.args))
             pending.append((chunk, task))
             if len(pending) >= 2 * self.workers:
                 done, result = pending.popleft()
@@ -101,7 +112,3 @@ class Encoder:
         while pending:
             done, result = pending.popleft()
             yield done, result.get()
-
-
-def _texts(chunk: Chunk) -> list[str]:
-    return [text for _, text in chunk.items]

@@ -1,34 +1,48 @@
 """Reading raw text corpora: which files an input list names, and the documents in them.
 
 Formats, picked by file name:
-  *.jsonl, *.jsonl.gz   one JSON object per line; the text is under one or more keys
-  *.txt, *.txt.gz       one document per line, or one per file (txt_doc_per_file)
+  *.jsonl, *.jsonl.gz, *.jsonl.zst   one JSON object per line; the text under one or more keys
+  *.txt, *.txt.gz, *.txt.zst         one document per line, or one per file (txt_doc_per_file)
 
-Every document comes back as a Record with its file and 1-based line, so that a bad one can be
-reported as ``file:line: reason``, and the byte offset where the next document starts, so that a
-later run can resume there (``read_records(..., start=Position)``). A document longer than
-max_doc_bytes is never held in memory: it is read past in blocks and reported as giant.
+Compressed files are decompressed as a stream (.zst through the ``zstandard`` package, frames
+read one after another as ``zstd`` and ``pzstd`` write them); nothing is unpacked to disk.
 
-Bad documents are not errors here: they are Records whose ``problems`` say why, and the caller
-decides whether to skip or stop.
+Reading comes in two halves, so that the costly one can run in worker processes:
+
+  read_pieces()  cheap, in one process: a file's decompressed bytes from a Position on, cut
+      into Pieces of whole lines (about 1 MB each), each knowing its file, its first line
+      number and the Position after it, where a later run can resume. A line longer than
+      max_doc_bytes is read past in blocks, never held in memory, and becomes a Piece of its
+      own without data.
+  parse_piece()  anywhere: the documents of a Piece (UTF-8 and JSON checks, the text under each
+      key), and the bad ones with why, so that they can be reported as ``file:line: reason``.
+
+Bad documents are not errors here: the caller decides whether to skip them or stop.
 """
 
 from __future__ import annotations
 
 import glob
 import gzip
+import io
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-JSON_SUFFIXES = (".jsonl", ".jsonl.gz")
-TEXT_SUFFIXES = (".txt", ".txt.gz")
+JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.zst")
 SUFFIXES = JSON_SUFFIXES + TEXT_SUFFIXES
+COMPRESSED_SUFFIXES = (".gz", ".zst")
 MAX_DOC_BYTES = 64 << 20  # default cap on one document (one JSONL line), in raw bytes
+PIECE_BYTES = 1 << 20
 _SKIP_BLOCK = 1 << 20
+# A JSON escape of a UTF-16 surrogate (\ud800-\udfff); only such a line can decode to a string
+# holding a lone surrogate, which no tokenizer can encode.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class InputError(ValueError):
@@ -50,16 +64,27 @@ class Position:
 
 
 @dataclass
-class Record:
-    path: Path
-    line: int  # 1-based line where the document starts
-    nbytes: int  # raw (decompressed) bytes the document took in the file, for progress
-    end: Position = Position()  # where the next document of the file starts
-    texts: dict[str, str] = field(default_factory=dict)  # key -> usable text
-    problems: dict[str, Problem] = field(default_factory=dict)  # key -> why it is unusable
+class Piece:
+    """Whole documents of one file, as read; or one giant document (data None) read past."""
 
-    def where(self) -> str:
-        return f"{self.path}:{self.line}"
+    path: str
+    kind: str  # "json" (a JSON object per line), "text" (a document per line), "file" (one)
+    line: int  # 1-based line of data's first byte
+    data: bytes | None
+    nbytes: int  # raw (decompressed) bytes covered, for progress and shard sizes
+    end: Position  # where the file's next document starts
+
+
+@dataclass
+class Parsed:
+    """The documents of some Pieces: usable texts per key, in order, and the bad ones."""
+
+    texts: dict[str, list[str]]
+    bad: list[tuple[str, dict[str, Problem]]] = field(default_factory=list)  # file:line, problems
+
+    @classmethod
+    def empty(cls, keys: list[str]) -> Parsed:
+        return cls({key: [] for key in keys})
 
 
 def resolve_inputs(specs: list[str]) -> list[Path]:
@@ -108,6 +133,10 @@ def is_json(path: Path) -> bool:
     return path.name.endswith(JSON_SUFFIXES)
 
 
+def is_compressed(path: Path) -> bool:
+    return path.name.endswith(COMPRESSED_SUFFIXES)
+
+
 def source_fingerprint(paths: list[Path]) -> list[dict[str, Any]]:
     """Path, size and mtime of each input: cheap evidence that an input changed."""
     out = []
@@ -117,152 +146,216 @@ def source_fingerprint(paths: list[Path]) -> list[dict[str, Any]]:
     return out
 
 
-def read_records(
+def open_binary(path: Path) -> IO[bytes]:
+    # Binary on purpose: decoding each line ourselves turns bad UTF-8 into a counted problem at
+    # its line instead of an exception that ends the whole file.
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.name.endswith(".zst"):
+        import zstandard  # only .zst inputs need it
+
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            path.open("rb"), read_across_frames=True, closefd=True
+        )
+        return io.BufferedReader(reader, PIECE_BYTES)
+    return path.open("rb")
+
+
+def read_pieces(
     path: Path,
-    keys: list[str],
-    txt_doc_per_file: bool = False,
     start: Position = Position(),
+    txt_doc_per_file: bool = False,
     max_doc_bytes: int = MAX_DOC_BYTES,
-) -> Iterator[Record]:
-    """The documents of one file from ``start`` on. Text files give their text under every key.
+    piece_bytes: int = PIECE_BYTES,
+) -> Iterator[Piece]:
+    """The file's documents from ``start`` on, in Pieces of whole lines of about piece_bytes.
 
-    Documents (lines; whole files with txt_doc_per_file) over max_doc_bytes are Records with a
-    "giant document" problem, read past without being held in memory.
+    A line over max_doc_bytes (a whole .txt file with txt_doc_per_file) is a Piece without
+    data, read past in blocks: memory stays within max_doc_bytes + piece_bytes.
     """
-    with _open_binary(path) as stream:
-        if start.offset:
-            stream.seek(start.offset)  # gzip streams decompress up to it, plain files jump
-        if txt_doc_per_file:
-            if start != Position():
-                return  # the file's one document was done
-            raw, nbytes = _read_capped(stream, max_doc_bytes)
-            record = _text_record(path, 1, raw, keys) if raw is not None else None
-            record = record or _giant(path, 1, nbytes, keys, max_doc_bytes)
-            record.end = Position(nbytes, 2)
-            yield record
+    with open_binary(path) as stream:
+        _skip(stream, start.offset)
+        if txt_doc_per_file and not is_json(path):
+            if start == Position():  # else the file's one document was done
+                yield _whole_file(str(path), stream, max_doc_bytes)
             return
-        offset, number = start.offset, start.line
-        for raw, nbytes in _lines(stream, max_doc_bytes):
-            if raw is None:
-                record = _giant(path, number, nbytes, keys, max_doc_bytes)
-            elif is_json(path):
-                record = _json_record(path, number, raw, keys)
+        kind = "json" if is_json(path) else "text"
+        line, offset = start.line, start.offset
+        parts: list[bytes] = []  # the start of a line that goes on in the next block
+        pending = 0
+        block = stream.read(piece_bytes)
+        while block:
+            cut = block.rfind(b"\n") + 1
+            if cut:
+                data = b"".join([*parts, block[:cut]]) if parts else block[:cut]
+                lines = data.count(b"\n")
+                end = Position(offset + len(data), line + lines)
+                yield Piece(str(path), kind, line, data, len(data), end)
+                line, offset = end.line, end.offset
+                parts, pending = [block[cut:]], len(block) - cut
             else:
-                record = _text_record(path, number, raw, keys, strip_newline=True)
-            offset, number = offset + nbytes, number + 1
-            record.end = Position(offset, number)
-            yield record
+                parts.append(block)
+                pending += len(block)
+            block = b""
+            if pending > max_doc_bytes:  # a giant line: never held whole
+                nbytes, block = _read_past_line(stream, pending)
+                end = Position(offset + nbytes, line + 1)
+                yield Piece(str(path), kind, line, None, nbytes, end)
+                line, offset = end.line, end.offset
+                parts, pending = [], 0
+            block = block or stream.read(piece_bytes)
+        if pending:  # a last line without "\n"
+            data = b"".join(parts)
+            yield Piece(
+                str(path), kind, line, data, len(data), Position(offset + len(data), line + 1)
+            )
 
 
-def _lines(stream: IO[bytes], limit: int) -> Iterator[tuple[bytes | None, int]]:
-    """(line, its bytes) for each line; (None, its bytes) for a line longer than limit."""
-    while raw := stream.readline(limit + 1):
-        if len(raw) <= limit or raw.endswith(b"\n"):
-            yield raw, len(raw)
-            continue
-        nbytes = len(raw)
-        while not raw.endswith(b"\n") and (raw := stream.readline(_SKIP_BLOCK)):
-            nbytes += len(raw)
-        yield None, nbytes
+def _skip(stream: IO[bytes], offset: int) -> None:
+    if not offset:
+        return
+    if isinstance(stream, io.BufferedReader) and isinstance(stream.raw, io.FileIO):
+        stream.seek(offset)  # a plain file jumps; compressed streams decompress up to it
+        return
+    while offset > 0:
+        block = stream.read(min(offset, _SKIP_BLOCK))
+        if not block:
+            return  # the file is shorter now; its source fingerprint will not match anyway
+        offset -= len(block)
 
 
-def _read_capped(stream: IO[bytes], limit: int) -> tuple[bytes | None, int]:
-    raw = stream.read(limit + 1)
-    if len(raw) <= limit:
-        return raw, len(raw)
-    nbytes = len(raw)
+def _read_past_line(stream: IO[bytes], nbytes: int) -> tuple[bytes, int]:
+    """Read to the end of the current line: (its total bytes, what follows it in the block)."""
     while block := stream.read(_SKIP_BLOCK):
+        newline = block.find(b"\n")
+        if newline >= 0:
+            return nbytes + newline + 1, block[newline + 1 :]
         nbytes += len(block)
-    return None, nbytes
+    return nbytes, b""
 
 
-def _giant(path: Path, number: int, nbytes: int, keys: list[str], limit: int) -> Record:
-    problem = Problem(
+def _whole_file(path: str, stream: IO[bytes], limit: int) -> Piece:
+    raw = stream.read(limit + 1)
+    nbytes = len(raw)
+    if nbytes > limit:
+        while block := stream.read(_SKIP_BLOCK):
+            nbytes += len(block)
+        raw = None
+    return Piece(path, "file", 1, raw, nbytes, Position(nbytes, 2))
+
+
+def split_piece(piece: Piece, at: int) -> tuple[Piece, Piece]:
+    """The piece cut after its first ``at`` bytes, which must end a line."""
+    assert piece.data is not None and 0 < at < piece.nbytes
+    head_data, tail_data = piece.data[:at], piece.data[at:]
+    line = piece.line + head_data.count(b"\n")
+    head = Piece(
+        piece.path,
+        piece.kind,
+        piece.line,
+        head_data,
+        at,
+        Position(piece.end.offset - len(tail_data), line),
+    )
+    tail = Piece(piece.path, piece.kind, line, tail_data, len(tail_data), piece.end)
+    return head, tail
+
+
+def parse_piece(piece: Piece, keys: list[str], max_doc_bytes: int, out: Parsed) -> None:
+    """Append the piece's usable texts to out.texts and its bad documents to out.bad."""
+    if piece.data is None:
+        _bad(out, piece.path, piece.line, keys, _giant(piece.nbytes, max_doc_bytes))
+    elif piece.kind == "file":
+        _parse_text(piece.path, piece.line, piece.data, keys, out)
+    else:
+        lines = piece.data.split(b"\n")
+        if piece.data.endswith(b"\n"):
+            lines.pop()
+        parse = _parse_json_line if piece.kind == "json" else _parse_text
+        last = len(lines) - 1
+        for i, raw in enumerate(lines):
+            if len(raw) > max_doc_bytes:
+                nbytes = len(raw) + (i < last or piece.data.endswith(b"\n"))
+                _bad(out, piece.path, piece.line + i, keys, _giant(nbytes, max_doc_bytes))
+            else:
+                parse(piece.path, piece.line + i, raw, keys, out)
+
+
+def _bad(out: Parsed, path: str, line: int, keys: list[str], problem: Problem) -> None:
+    out.bad.append((f"{path}:{line}", dict.fromkeys(keys, problem)))
+
+
+def _giant(nbytes: int, limit: int) -> Problem:
+    return Problem(
         "giant document",
         f"document of {nbytes} bytes, over --max-doc-bytes={limit}; raise it to keep such "
         "documents",
     )
-    return Record(path, number, nbytes, problems={key: problem for key in keys})
 
 
-def _open_binary(path: Path) -> IO[bytes]:
-    # Binary on purpose: decoding each line ourselves turns bad UTF-8 into a counted problem at
-    # its line instead of an exception that ends the whole file.
-    return gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")
-
-
-def _json_record(path: Path, number: int, raw: bytes, keys: list[str]) -> Record:
-    record = Record(path, number, len(raw))
-    obj, problem = _parse_json_line(raw)
-    for key in keys:
-        if problem is not None:
-            record.problems[key] = problem
-        else:
-            _take_field(record, obj, key)
-    return record
-
-
-def _parse_json_line(raw: bytes) -> tuple[Any, Problem | None]:
+def _parse_json_line(path: str, number: int, raw: bytes, keys: list[str], out: Parsed) -> None:
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        return None, Problem("invalid UTF-8", f"invalid UTF-8 at byte {e.start} of the line")
-    if not line.strip():
-        return None, Problem("blank line", "blank line, expected a JSON object")
+        problem = Problem("invalid UTF-8", f"invalid UTF-8 at byte {e.start} of the line")
+        return _bad(out, path, number, keys, problem)
+    if not line or line.isspace():
+        return _bad(
+            out, path, number, keys, Problem("blank line", "blank line, expected a JSON object")
+        )
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
-        return None, Problem("malformed JSON", f"malformed JSON: {e.msg} at column {e.colno}")
+        problem = Problem("malformed JSON", f"malformed JSON: {e.msg} at column {e.colno}")
+        return _bad(out, path, number, keys, problem)
     if not isinstance(obj, dict):
-        return None, Problem("malformed JSON", f"expected a JSON object, got {type(obj).__name__}")
-    return obj, None
+        problem = Problem("malformed JSON", f"expected a JSON object, got {type(obj).__name__}")
+        return _bad(out, path, number, keys, problem)
+    surrogates = _SURROGATE_ESCAPE.search(raw) is not None
+    problems: dict[str, Problem] = {}
+    for key in keys:
+        value = obj.get(key, _MISSING)
+        if value is _MISSING:
+            present = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
+            problems[key] = Problem(
+                "missing key",
+                f"field {key!r} missing (fields present: {present}); use --json-keys to pick "
+                "another",
+            )
+        elif not isinstance(value, str):
+            problems[key] = Problem(
+                "non-string value", f"field {key!r} is {type(value).__name__}, expected a string"
+            )
+        elif problem := _unusable(value, surrogates):
+            problems[key] = problem
+        else:
+            out.texts[key].append(value)
+    if problems:
+        out.bad.append((f"{path}:{number}", problems))
 
 
-def _take_field(record: Record, obj: dict[str, Any], key: str) -> None:
-    if key not in obj:
-        present = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
-        record.problems[key] = Problem(
-            "missing key",
-            f"field {key!r} missing (fields present: {present}); use --json-keys to pick another",
-        )
-        return
-    value = obj[key]
-    if not isinstance(value, str):
-        record.problems[key] = Problem(
-            "non-string value", f"field {key!r} is {type(value).__name__}, expected a string"
-        )
-        return
-    _take_text(record, key, value)
+_MISSING = object()
 
 
-def _text_record(
-    path: Path, number: int, raw: bytes, keys: list[str], strip_newline: bool = False
-) -> Record:
-    record = Record(path, number, len(raw))
-    if strip_newline and raw.endswith(b"\n"):
-        raw = raw[:-1]
+def _parse_text(path: str, number: int, raw: bytes, keys: list[str], out: Parsed) -> None:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = number + raw.count(b"\n", 0, e.start)
         problem = Problem("invalid UTF-8", f"invalid UTF-8 at byte {e.start} (line {line})")
-        record.problems = {key: problem for key in keys}
-        return record
+        return _bad(out, path, number, keys, problem)
+    if problem := _unusable(text, surrogates=False):
+        return _bad(out, path, number, keys, problem)
     for key in keys:
-        _take_text(record, key, text)
-    return record
+        out.texts[key].append(text)
 
 
-def _take_text(record: Record, key: str, text: str) -> None:
-    if not text.strip():
-        record.problems[key] = Problem("empty document", "empty document")
-        return
-    try:
-        # JSON escapes can produce lone surrogates, which no tokenizer can encode.
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        record.problems[key] = Problem(
-            "invalid UTF-8", f"text has a lone surrogate at character {e.start}"
-        )
-        return
-    record.texts[key] = text
+def _unusable(text: str, surrogates: bool) -> Problem | None:
+    if not text or text.isspace():
+        return Problem("empty document", "empty document")
+    if surrogates:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return Problem("invalid UTF-8", f"text has a lone surrogate at character {e.start}")
+    return None

@@ -3,6 +3,10 @@
     python data_tools/preprocess.py --input data/stdlib.jsonl --tokenizer data/tok.model \\
         --output-prefix data/stdlib
 
+Inputs: *.jsonl, *.txt, each optionally compressed (.gz, .zst). The tokenizer: a sentencepiece
+.model, or a Hugging Face tokenizer.json (a path ending in .json, or a folder holding one; needs
+the tokenizers package); documents end with its eos token either way.
+
 Outputs, for each --json-keys KEY, the prefix P = OUTPUT_PREFIX_KEY_document (Megatron's naming):
 
   P.bin/.idx   Megatron's MMIDIDX v1 shard (format: megatron_llm/data/indexed.py): every
@@ -17,8 +21,8 @@ Every shard is written under a temporary name and renamed into place when comple
 manifest is rewritten to list it, so a reader never sees half a shard. A rerun whose manifest
 matches the inputs, the tokenizer and the settings reuses the output; if the earlier run was
 interrupted, it keeps the complete shards and resumes reading after the last of them (nothing is
-tokenized or written twice). Memory stays flat: documents stream through at most 2 x workers
-chunks of about 1 MB.
+tokenized or written twice). Memory stays flat: raw input streams through at most 2 x workers
+chunks of about 1 MB; the workers parse, check and tokenize them.
 
 Bad documents (malformed JSON, missing key, non-string value, invalid UTF-8, empty document,
 giant document over --max-doc-bytes) are counted by reason, and the first few are printed as
@@ -28,37 +32,37 @@ shards completed before it).
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-if __name__ == "__main__" and not __package__:
-    # Run as a script: make the repo root importable for `data_tools` and `megatron_llm`.
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__" and not __package__:  # run as a file: the repo root is importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-from collections import Counter  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any  # noqa: E402
+import numpy as np
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from data_tools.encoder import Chunk, Encoder  # noqa: E402
-from data_tools.inputs import (  # noqa: E402
+from data_tools.encoder import Chunk, Encoder
+from data_tools.inputs import (
     MAX_DOC_BYTES,
     InputError,
+    Piece,
     Position,
-    Record,
+    Problem,
+    is_compressed,
     is_json,
-    read_records,
+    read_pieces,
     resolve_inputs,
     source_fingerprint,
+    split_piece,
     usable_cpus,
 )
-from data_tools.shards import (  # noqa: E402
+from data_tools.shards import (
     MANIFEST_FORMAT,
     MANIFEST_VERSION,
     ShardStats,
@@ -71,8 +75,8 @@ from data_tools.shards import (  # noqa: E402
     shard_prefix,
     write_manifest,
 )
-from megatron_llm.data.indexed import ShardWriter  # noqa: E402
-from megatron_llm.data.tokenizer import Tokenizer, TokenizerError  # noqa: E402
+from megatron_llm.data.indexed import ShardWriter
+from megatron_llm.data.tokenizer import Tokenizer, TokenizerError
 
 CHUNK_BYTES = 1 << 20  # text per pool task: big enough to amortize pickling, small for memory
 SHOWN_PROBLEMS = 5
@@ -142,48 +146,59 @@ def previous_shards(job: Job, force: bool) -> tuple[bool, dict[str, list[dict[st
     return complete, {k: v[:count] for k, v in kept.items()}
 
 
-def screen(job: Job, record: Record, skipped: dict[str, Counter[str]]) -> None:
-    """Count and show a record's problems, or raise under --on-error fail."""
-    details = dict.fromkeys(p.detail for p in record.problems.values())
-    if details and job.on_error == "fail":
-        raise BadInput(f"{record.where()}: {next(iter(details))}")
-    for key, problem in record.problems.items():
-        skipped[key][problem.reason] += 1
-    for detail in details:
-        if len(job.problems_shown) < SHOWN_PROBLEMS:
-            job.problems_shown.append(f"{record.where()}: {detail}")
+def screen(
+    job: Job, bad: list[tuple[str, dict[str, Problem]]], stats: dict[str, ShardStats]
+) -> None:
+    """Count and show bad documents (file:line, key -> problem), or raise under --on-error fail."""
+    for where, problems in bad:
+        details = dict.fromkeys(p.detail for p in problems.values())
+        if job.on_error == "fail":
+            raise BadInput(f"{where}: {next(iter(details))}")
+        for key, problem in problems.items():
+            stats[key].skipped[problem.reason] += 1
+        for detail in details:
+            if len(job.problems_shown) < SHOWN_PROBLEMS:
+                job.problems_shown.append(f"{where}: {detail}")
 
 
-def all_records(job: Job, start: tuple[int, Position]) -> Iterator[tuple[int, Record]]:
-    keys = list(job.prefixes)
+def all_pieces(job: Job, start: tuple[int, Position]) -> Iterator[tuple[int, Piece]]:
     for index in range(start[0], len(job.paths)):
         position = start[1] if index == start[0] else Position()
-        for record in read_records(
-            job.paths[index], keys, job.txt_doc_per_file, position, job.max_doc_bytes
-        ):
-            yield index, record
+        path = job.paths[index]
+        for piece in read_pieces(path, position, job.txt_doc_per_file, job.max_doc_bytes):
+            yield index, piece
+
+
+def shard_cut(piece: Piece, need: int) -> int:
+    """Bytes of the piece up to the end of the document holding its need-th byte."""
+    if piece.data is None or piece.kind == "file":
+        return piece.nbytes
+    newline = piece.data.find(b"\n", need - 1)
+    return piece.nbytes if newline < 0 else newline + 1
 
 
 def chunked(job: Job, start: tuple[int, Position]) -> Iterator[Chunk]:
-    """Chunks of records from ``start``; a chunk also ends where a shard must end."""
-
-    def new() -> Chunk:
-        return Chunk(end=start, skipped={key: Counter() for key in job.prefixes})
-
-    chunk, in_shard = new(), 0
-    for index, record in all_records(job, start):
-        screen(job, record, chunk.skipped)
-        chunk.items.extend(record.texts.items())
-        chunk.nbytes += record.nbytes
-        chunk.end = (index, record.end)
-        in_shard += record.nbytes
-        if job.shard_size is not None and in_shard >= job.shard_size:
-            chunk.last_of_shard, in_shard = True, 0
-        if chunk.last_of_shard or chunk.nbytes >= CHUNK_BYTES:
-            yield chunk
-            chunk = new()
-    if chunk.nbytes:
-        chunk.last_of_shard = True
+    """Chunks of raw input from ``start``; a chunk also ends where a shard must end."""
+    chunk, in_shard = Chunk(end=start), 0
+    for index, whole in all_pieces(job, start):
+        piece: Piece | None = whole
+        while piece is not None:
+            rest = None
+            if job.shard_size is not None and in_shard + piece.nbytes >= job.shard_size:
+                at = shard_cut(piece, job.shard_size - in_shard)
+                if at < piece.nbytes:
+                    piece, rest = split_piece(piece, at)
+                chunk.last_of_shard = True
+            chunk.pieces.append(piece)
+            chunk.nbytes += piece.nbytes
+            chunk.end = (index, piece.end)
+            in_shard = 0 if chunk.last_of_shard else in_shard + piece.nbytes
+            if chunk.last_of_shard or chunk.nbytes >= CHUNK_BYTES:
+                yield chunk
+                chunk = Chunk(end=chunk.end)
+            piece = rest
+    if chunk.pieces or in_shard:  # in_shard: the chunks since the last shard ended are not
+        chunk.last_of_shard = True  # one yet (an empty chunk just closes the shard)
         yield chunk
 
 
@@ -220,39 +235,26 @@ class Output:
             writer.abort()
 
 
-def split_by_key(chunk: Chunk, tokens: np.ndarray, lengths: np.ndarray) -> Iterator[tuple]:
-    keys = [key for key, _ in chunk.items]
-    if len(set(keys)) <= 1:
-        if keys:
-            yield keys[0], tokens, lengths
-        return
-    ends = np.cumsum(lengths)
-    for key in dict.fromkeys(keys):
-        picked = [i for i, k in enumerate(keys) if k == key]
-        parts = [tokens[ends[i] - lengths[i] : ends[i]] for i in picked]
-        yield key, np.concatenate(parts), lengths[picked]
-
-
 def tokenize_into(job: Job, output: Output, start: tuple[int, Position]) -> None:
     total = None
-    if not any(p.name.endswith(".gz") for p in job.paths):
+    if not any(is_compressed(p) for p in job.paths):
         total = sum(p.stat().st_size for p in job.paths)
         done = sum(p.stat().st_size for p in job.paths[: start[0]]) + start[1].offset
     documents = tokens = 0
-    with Encoder(job.tokenizer, job.dtype, job.workers) as encoder:
+    keys = list(job.prefixes)
+    with Encoder(job.tokenizer, keys, job.max_doc_bytes, job.dtype, job.workers) as encoder:
         begin = time.perf_counter()
         with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing") as bar:
             if total is not None:
                 bar.update(done)
-            for chunk, (chunk_tokens, lengths) in encoder.map(chunked(job, start)):
-                for key, key_tokens, key_lengths in split_by_key(chunk, chunk_tokens, lengths):
-                    output.add(key, key_tokens, key_lengths)
-                for key, counts in chunk.skipped.items():
-                    output.stats[key].skipped.update(counts)
+            for chunk, encoded in encoder.map(chunked(job, start)):
+                screen(job, encoded.bad, output.stats)
+                for key, (key_tokens, lengths) in encoded.tokens.items():
+                    output.add(key, key_tokens, lengths)
+                    documents, tokens = documents + len(lengths), tokens + len(key_tokens)
                 if chunk.last_of_shard:
                     output.finish_shard(chunk.end)
                 job.bytes_read += chunk.nbytes
-                documents, tokens = documents + len(lengths), tokens + len(chunk_tokens)
                 bar.update(chunk.nbytes)
                 seconds = time.perf_counter() - begin
                 bar.set_postfix_str(
@@ -287,7 +289,7 @@ def manifest(job: Job, key: str, complete: bool) -> dict[str, Any]:
             "eod": job.tokenizer.eod,
         },
         "skipped": dict(sorted(total.skipped.items())),
-        "encoding": "lines" if job.tokenizer.line_split_exact else "whole documents",
+        "encoding": job.tokenizer.split,  # how texts were cut before encoding (same ids)
         "shards": shards,
         **({"files": shards[0]["files"]} if single else {}),
     }
@@ -362,10 +364,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="extend",
         required=True,
         metavar="PATH",
-        help="*.jsonl(.gz) / *.txt(.gz) files, folders (searched recursively) or quoted globs; "
-        "may be repeated",
+        help="*.jsonl / *.txt files (also .gz, .zst), folders (searched recursively) or quoted "
+        "globs; may be repeated",
     )
-    p.add_argument("--tokenizer", required=True, type=Path, help="sentencepiece .model file")
+    p.add_argument(
+        "--tokenizer",
+        required=True,
+        type=Path,
+        help="sentencepiece .model file, or Hugging Face tokenizer.json (or its folder)",
+    )
     p.add_argument("--output-prefix", required=True, type=Path, help="e.g. data/stdlib")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="fields to tokenize")
     p.add_argument(

@@ -18,20 +18,19 @@ merge     concatenates shards (same dtype) into one, streaming, written to a tem
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
-if __name__ == "__main__" and not __package__:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__" and not __package__:  # run as a file: the repo root is importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-from typing import Any  # noqa: E402
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from data_tools.shards import load_manifest, write_manifest  # noqa: E402
-from megatron_llm.data.indexed import IndexedShard, ShardError, ShardWriter, verify  # noqa: E402
+from data_tools.shards import load_manifest, write_manifest
+from megatron_llm.data.indexed import IndexedShard, ShardError, ShardWriter, verify
 
 COPY_TOKENS = 1 << 24  # merge copies this many tokens at a time: memory stays flat
 
@@ -190,7 +189,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     i = sub.add_parser("inspect", help="counts, dtype, length histogram, decode a document")
     i.add_argument("shards", nargs="+", metavar="SHARD")
     i.add_argument("--decode", type=int, metavar="N", help="print document N as text")
-    i.add_argument("--tokenizer", type=Path, help="sentencepiece model, for --decode")
+    i.add_argument(
+        "--tokenizer", type=Path, help="tokenizer (.model or tokenizer.json), for --decode"
+    )
     i.add_argument("--json", action="store_true", help="print the figures as JSON")
     i.set_defaults(func=inspect)
     v = sub.add_parser("verify", help="check .idx against .bin; exit 1 on any problem")

@@ -16,34 +16,36 @@ code, and lets data_tools/preprocess.py encode BPE-tokenized documents line by l
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import io
+import json
+import os
 import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-if __name__ == "__main__" and not __package__:
-    # Run as a script: make the repo root importable for `data_tools` and `megatron_llm`.
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__" and not __package__:  # run as a file: the repo root is importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import time  # noqa: E402
-from collections import Counter  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from typing import Any  # noqa: E402
+import sentencepiece
+from tqdm import tqdm
 
-import sentencepiece  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from data_tools.inputs import (  # noqa: E402
+from data_tools.inputs import (
+    MAX_DOC_BYTES,
     InputError,
-    read_records,
+    Parsed,
+    is_compressed,
+    parse_piece,
+    read_pieces,
     resolve_inputs,
     source_fingerprint,
     usable_cpus,
 )
-from megatron_llm.data.tokenizer import Tokenizer, TokenizerError  # noqa: E402
+from megatron_llm.data.tokenizer import Tokenizer, TokenizerError
 
 SIDECAR_VERSION = 1
 
@@ -104,17 +106,20 @@ class SentenceFeed:
         self.skipped: Counter[str] = Counter()
 
     def __iter__(self) -> Iterator[str]:
-        total = sum(p.stat().st_size for p in self.paths)
+        compressed = any(is_compressed(p) for p in self.paths)
+        total = None if compressed else sum(p.stat().st_size for p in self.paths)
         with tqdm(total=total, unit="B", unit_scale=True, desc="reading") as bar:
             for path in self.paths:
-                for record in read_records(path, [self.json_key]):
-                    bar.update(record.nbytes)
-                    yield from self._lines(record.texts.get(self.json_key))
-                    self.skipped.update(p.reason for p in record.problems.values())
+                for piece in read_pieces(path):
+                    parsed = Parsed.empty([self.json_key])
+                    parse_piece(piece, [self.json_key], MAX_DOC_BYTES, parsed)
+                    for text in parsed.texts[self.json_key]:
+                        yield from self._lines(text)
+                    for _, problems in parsed.bad:
+                        self.skipped.update(p.reason for p in problems.values())
+                    bar.update(piece.nbytes)
 
-    def _lines(self, text: str | None) -> Iterator[str]:
-        if text is None:
-            return
+    def _lines(self, text: str) -> Iterator[str]:
         self.documents += 1
         for line in text.split("\n"):
             if not line.strip():
@@ -183,8 +188,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="extend",
         required=True,
         metavar="PATH",
-        help="*.jsonl(.gz) / *.txt(.gz) files, folders (searched recursively) or quoted globs; "
-        "may be repeated",
+        help="*.jsonl / *.txt files (also .gz, .zst), folders (searched recursively) or quoted "
+        "globs; may be repeated",
     )
     p.add_argument("--output-prefix", required=True, type=Path, help="writes PREFIX.model/.vocab")
     p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")

@@ -133,7 +133,7 @@ def test_line_split_encoding_is_used_only_where_exact(
 ) -> None:
     docs = email_corpus.docs
     ours = Tokenizer(bpe_model)
-    assert ours.line_split_exact
+    assert ours.split == "symbols"
     assert ours.encode_batch(docs) == [ours.encode(d) for d in docs]
     # sentencepiece's defaults add a dummy prefix per input: line by line would differ.
     default_bpe = _spm_model(tmp_path, email_corpus, "default_bpe", model_type="bpe")
@@ -147,7 +147,7 @@ def test_line_split_encoding_is_used_only_where_exact(
         remove_extra_whitespaces=False,
     )
     for tok in (default_bpe, unigram):
-        assert not tok.line_split_exact
+        assert tok.split == "documents"
         assert tok.encode_batch(docs) == [tok.encode(d) for d in docs]
 
 

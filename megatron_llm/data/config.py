@@ -10,7 +10,9 @@ class DataConfig:
     # Shard prefixes (path without .bin/.idx). Several prefixes are blended by weight.
     prefixes: list[str] = dataclasses.field(default_factory=list)
     weights: list[float] | None = None  # blend weights, one per prefix; null = by size
-    tokenizer: str = ""  # sentencepiece .model file the shards were made with
+    tokenizer: str = (
+        ""  # the shards' tokenizer: sentencepiece .model, or tokenizer.json (or its folder)
+    )
     split: str = "98,2,0"  # train,valid,test proportions of documents, Megatron style
     cache_dir: str | None = None  # where sample indices are cached; null = beside the shards
 
