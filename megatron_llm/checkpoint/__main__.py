@@ -162,14 +162,12 @@ def cmd_import(args: argparse.Namespace) -> int:
 def write_weights_only(root: Path, weights: dict[str, torch.Tensor], config: dict) -> Path:
     """A step-0 checkpoint holding model weights only (fresh optimizer when loaded)."""
     tmp = io.new_tmp_dir(root, 0)
-    files = {"model-00000.pt": io.save_file(weights, tmp / "model-00000.pt")}
+    writer = io.FolderWriter(tmp)
+    writer.tensors("model-00000.pt", weights)
     run_state = {"step": 0, "consumed_samples": 0, "tokens_seen": 0}
-    files["run_state.json"] = io.write_text_file(
-        tmp / "run_state.json", json.dumps(run_state, indent=2) + "\n"
-    )
-    files["config.yaml"] = io.write_text_file(
-        tmp / "config.yaml", yaml.safe_dump(config, sort_keys=False)
-    )
+    writer.text("run_state.json", json.dumps(run_state, indent=2) + "\n")
+    writer.text("config.yaml", yaml.safe_dump(config, sort_keys=False))
+    files = writer.entries()
     manifest = {
         "format": io.FORMAT,
         "version": io.VERSION,
@@ -183,7 +181,9 @@ def write_weights_only(root: Path, weights: dict[str, torch.Tensor], config: dic
         },
         "files": dict(sorted(files.items())),
     }
-    io.write_text_file(tmp / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    manifest_writer = io.FolderWriter(tmp)
+    manifest_writer.text("manifest.json", json.dumps(manifest, indent=1) + "\n")
+    manifest_writer.entries()
     return io.publish(tmp, root, 0)
 
 

@@ -33,6 +33,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -91,21 +92,39 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_file(obj: Any, path: Path) -> dict[str, Any]:
-    """torch.save + fsync; returns the manifest entry {bytes, sha256}."""
-    with open(path, "wb") as f:
-        torch.save(obj, f)
+class FolderWriter:
+    """Writes the files of a checkpoint folder, each fsynced, and their manifest entries.
+
+    Each file is checksummed on a background thread while the next one is written (hashlib
+    releases the GIL), so the sha256 costs little more than the write itself.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pending: dict[str, tuple[int, Future[str]]] = {}
+
+    def _done(self, name: str, f: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
-    return {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+        path = self.folder / name
+        self._pending[name] = (path.stat().st_size, self._pool.submit(sha256_of, path))
 
+    def tensors(self, name: str, obj: Any) -> None:
+        with open(self.folder / name, "wb") as f:
+            torch.save(obj, f)
+            self._done(name, f)
 
-def write_text_file(path: Path, text: str) -> dict[str, Any]:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    return {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+    def text(self, name: str, text: str) -> None:
+        with open(self.folder / name, "w") as f:
+            f.write(text)
+            self._done(name, f)
+
+    def entries(self) -> dict[str, dict[str, Any]]:
+        """{file: {bytes, sha256}} of everything written; waits for the checksums."""
+        out = {n: {"bytes": size, "sha256": h.result()} for n, (size, h) in self._pending.items()}
+        self._pool.shutdown()
+        return out
 
 
 def new_tmp_dir(root: Path, step: int) -> Path:

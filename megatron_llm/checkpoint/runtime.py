@@ -67,7 +67,7 @@ def save(
     """Save a complete checkpoint for ``step`` atomically; every rank calls this."""
     root_path = Path(root)
     tmp = _broadcast(io.new_tmp_dir(root_path, step) if ctx.rank == 0 else None)
-    files: dict[str, Any] = {}
+    writer = io.FolderWriter(tmp)
     index: dict[str, Any] = {}
     weights: dict[str, torch.Tensor] = {}
     optim: dict[str, dict[str, torch.Tensor]] = {}
@@ -76,25 +76,22 @@ def save(
         optim[name] = {k: v for k, v in whole.items() if k != "param"}
     if weights:
         model_file, optim_file = f"model-{ctx.rank:05d}.pt", f"optim-{ctx.rank:05d}.pt"
-        files[model_file] = io.save_file(weights, tmp / model_file)
-        files[optim_file] = io.save_file(optim, tmp / optim_file)
+        writer.tensors(model_file, weights)
+        writer.tensors(optim_file, optim)
         index = {n: {"file": model_file, "shape": list(t.shape)} for n, t in weights.items()}
-    rng_file = f"rng-{ctx.rank:05d}.pt"
-    files[rng_file] = io.save_file(rng_state(model), tmp / rng_file)
+    writer.tensors(f"rng-{ctx.rank:05d}.pt", rng_state(model))
     del weights, optim
-    pieces = [None] * ctx.world_size
-    dist.all_gather_object(pieces, (files, index))
+    if ctx.rank == 0:
+        writer.text("run_state.json", json.dumps(run_state, indent=2) + "\n")
+        writer.text("config.yaml", yaml.safe_dump(config, sort_keys=False))
+    pieces: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(pieces, (writer.entries(), index))
     final = None
     if ctx.rank == 0:
+        files: dict[str, Any] = {}
         for part_files, part_index in pieces:
             files.update(part_files)
             index.update(part_index)
-        files["run_state.json"] = io.write_text_file(
-            tmp / "run_state.json", json.dumps(run_state, indent=2) + "\n"
-        )
-        files["config.yaml"] = io.write_text_file(
-            tmp / "config.yaml", yaml.safe_dump(config, sort_keys=False)
-        )
         manifest = {
             "format": io.FORMAT,
             "version": io.VERSION,
@@ -105,7 +102,9 @@ def save(
             "tensors": dict(sorted(index.items())),
             "files": dict(sorted(files.items())),
         }
-        io.write_text_file(tmp / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+        manifest_writer = io.FolderWriter(tmp)
+        manifest_writer.text("manifest.json", json.dumps(manifest, indent=1) + "\n")
+        manifest_writer.entries()
         final = io.publish(tmp, root_path, step)
         io.prune(root_path, keep_last=keep_last, keep_every=keep_every)
     return Path(_broadcast(str(final) if final else None))
