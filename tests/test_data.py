@@ -23,8 +23,8 @@ from megatron_llm.data.config import DataConfig
 from megatron_llm.data.dataset import build_datasets
 from megatron_llm.data.sampler import micro_batches
 from megatron_llm.data.tokenizer import Tokenizer, TokenizerError
-from megatron_llm.launch import free_port
 from tests.data_fixtures import STDLIB, VOCAB, Corpus, Shard
+from tests.distributed import run_on_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -408,18 +408,6 @@ def test_blending_two_shards_by_weight_and_by_size(
 # --- two gloo ranks ------------------------------------------------------------------------
 
 
-def _rank_main(rank: int, port: int, args: tuple, queue: object) -> None:
-    try:
-        torch.distributed.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
-        )
-        queue.put((rank, _first_items(*args)))  # type: ignore[attr-defined]
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    except BaseException as e:  # report instead of leaving the parent waiting
-        queue.put((rank, repr(e)))  # type: ignore[attr-defined]
-
-
 def _first_items(prefixes: list[str], cache_dir: str | None, model: str) -> list[list[int]]:
     cfg = data_config(*prefixes, weights=[0.5, 0.5] if len(prefixes) > 1 else None)
     cfg.cache_dir = cache_dir
@@ -427,6 +415,10 @@ def _first_items(prefixes: list[str], cache_dir: str | None, model: str) -> list
         cfg, seq_length=16, seed=4, train_samples=40, valid_samples=0, tokenizer=Tokenizer(model)
     )
     return [train[i].tolist() for i in range(10)]
+
+
+def _first_items_of_cases(cases: list[tuple]) -> list[list[list[int]]]:
+    return [_first_items(*case) for case in cases]
 
 
 def test_two_gloo_ranks_build_once_and_agree(
@@ -440,22 +432,9 @@ def test_two_gloo_ranks_build_once_and_agree(
         ([fresh, small_shard.prefix], str(tmp_path / "cache"), str(bpe_model)),  # blended
         ([fresh], None, str(bpe_model)),  # megatron-core's default cache beside the shard
     ]
-    ctx = torch.multiprocessing.get_context("spawn")
-    for case in cases:
-        queue = ctx.Queue()
-        port = free_port()
-        procs = [ctx.Process(target=_rank_main, args=(r, port, case, queue)) for r in (0, 1)]
-        for p in procs:
-            p.start()
-        try:
-            results = dict(queue.get(timeout=180) for _ in procs)
-        finally:
-            for p in procs:
-                p.join(timeout=30)
-                if p.is_alive():
-                    p.kill()
-        assert isinstance(results[0], list), results[0]
-        assert results[0] == results[1] == _first_items(*case)
+    ranks = run_on_ranks(2, _first_items_of_cases, cases)
+    for case, rank0, rank1 in zip(cases, *ranks):
+        assert rank0 == rank1 == _first_items(*case)
     assert len(list((tmp_path / "cache").glob("*GPTDataset-train-shuffle_index.npy"))) == 2
     assert len(list((tmp_path / "cache").glob("*BlendedDataset-train-dataset_index.npy"))) == 1
     assert len(list(Path(fresh, "cache", "GPTDataset_indices").glob("*-train-*.npy"))) == 3

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from itertools import islice
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from megatron_llm.data.dataset import build_datasets
 from megatron_llm.data.sampler import micro_batches
 from megatron_llm.data.tokenizer import Tokenizer
 from tests.data_fixtures import Shard
+from tests.distributed import run_on_ranks
 
 MICRO, DP, STEPS, K = 2, 2, 6, 4
 
@@ -66,53 +66,21 @@ def test_broken_cache_entries_are_rebuilt_not_loaded(
     assert shuffle.stat().st_mtime_ns != stamp and not list(cache.glob("*.tmp-*"))
 
 
-def _straight_and_resumed(rank: int, port: int, args: tuple, queue: object) -> None:
-    prefixes, model, root = args
-    try:
-        # Plain gloo, no DeepSpeed: the data path needs nothing more, and starts in a second.
-        torch.distributed.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=DP
-        )
-        cache = f"{root}/rank{rank}"  # a cache dir no other rank sees, as on separate nodes
-        straight = batches(train_set(prefixes, model, cache), rank, 0, STEPS)
-        # A new run: fresh datasets (loaded from the cache), resumed after K steps.
-        resumed = batches(train_set(prefixes, model, cache), rank, K * MICRO * DP, STEPS - K)
-        cached = len(list(Path(cache).glob("*")))
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-        queue.put((rank, {"straight": straight, "resumed": resumed, "cached": cached}))  # type: ignore[attr-defined]
-    except BaseException as e:  # report instead of leaving the parent waiting
-        queue.put((rank, repr(e)))  # type: ignore[attr-defined]
-
-
-def run_two_ranks(args: tuple) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = torch.multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [
-        ctx.Process(target=_straight_and_resumed, args=(r, port, args, queue)) for r in range(DP)
-    ]
-    for p in procs:
-        p.start()
-    try:
-        results = dict(queue.get(timeout=240) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    for rank in range(DP):
-        assert isinstance(results[rank], dict), f"rank {rank}: {results[rank]}"
-    return [results[r] for r in range(DP)]
+def _straight_and_resumed(prefixes: list[str], model: str, root: str) -> dict:
+    rank = torch.distributed.get_rank()
+    cache = f"{root}/rank{rank}"  # a cache dir no other rank sees, as on separate nodes
+    straight = batches(train_set(prefixes, model, cache), rank, 0, STEPS)
+    # A new run: fresh datasets (loaded from the cache), resumed after K steps.
+    resumed = batches(train_set(prefixes, model, cache), rank, K * MICRO * DP, STEPS - K)
+    cached = len(list(Path(cache).glob("*")))
+    return {"straight": straight, "resumed": resumed, "cached": cached}
 
 
 def test_two_ranks_resume_at_the_next_sample_with_unshared_caches(
     tmp_path: Path, email_shard: Shard, small_shard: Shard, bpe_model: Path
 ) -> None:
     prefixes = [email_shard.prefix, small_shard.prefix]
-    results = run_two_ranks((prefixes, str(bpe_model), str(tmp_path)))
+    results = run_on_ranks(DP, _straight_and_resumed, prefixes, str(bpe_model), str(tmp_path))
     reference = train_set(prefixes, str(bpe_model), None)  # one process, no cache
     for rank, result in enumerate(results):
         assert result["resumed"] == result["straight"][K:]
