@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import sys
+import traceback
 import warnings
 from pathlib import Path
+from typing import Any, NoReturn
 
 from megatron_llm.config import ConfigError, load_config
 
@@ -98,11 +102,34 @@ def quiet_known_warnings() -> None:
     )
 
 
+def fail(watchdog: Any, error: Exception) -> NoReturn:
+    """Training raised. If another rank died (the usual cause of a failed collective), say
+    which; otherwise this rank's own error: print it and post it, so the others stop too."""
+    # DeepSpeed's launcher SIGTERMs the other ranks of a node where one died, and kills them
+    # 30 s later: long enough to say who died first.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    verdict = watchdog.explain_failure(error)
+    if verdict is not None:
+        print(
+            f"error ({watchdog.me}): {type(error).__name__} in training, because {verdict}",
+            file=sys.stderr,
+            flush=True,
+        )
+    else:
+        traceback.print_exc()
+        watchdog.post(f"{watchdog.me} failed: {type(error).__name__}: {error}"[:2000])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)  # not sys.exit: a group with a dead member can hang at interpreter exit
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_known_warnings()
     import torch.distributed as dist
 
     from megatron_llm.checkpoint.io import CheckpointError
+    from megatron_llm.cluster.checks import EnvironmentCheckError, check_environment
+    from megatron_llm.cluster.watchdog import Watchdog
     from megatron_llm.parallel.groups import build_context, init_distributed
     from megatron_llm.training.loop import train
 
@@ -112,18 +139,32 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    init_distributed(cfg.parallel.timeout_minutes)
     try:
-        ctx = build_context(cfg.parallel)
-    except ValueError as e:
+        init_distributed(cfg.parallel.timeout_minutes)
+    except RuntimeError as e:  # rank discovery (srun, MPI) says what is missing
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    watchdog = Watchdog(
+        dist.get_rank(), dist.get_world_size(), cfg.parallel.heartbeat_timeout_s
+    ).start()
+    try:
+        check_environment(cfg.parallel)
+        ctx = build_context(cfg.parallel)
+    except (ValueError, EnvironmentCheckError) as e:  # the same verdict on every rank
+        if dist.get_rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
+        watchdog.stop()
         return 2
     try:
         summary = train(cfg, ctx)
     except CheckpointError as e:  # a refused or impossible resume: say why, no traceback
         print(f"error (rank {ctx.rank}): {e}", file=sys.stderr, flush=True)
+        watchdog.stop()
         dist.destroy_process_group()
         return 2
+    except Exception as e:
+        fail(watchdog, e)
+    watchdog.stop()  # before the last barrier: rank 0, which serves the store, may leave first
     if ctx.is_logging_rank:
         print_summary(summary, cfg_path)
         out = Path(cfg.logging.dir) / "summary.json"

@@ -9,15 +9,28 @@ import dataclasses
 class ParallelConfig:
     tp: int = 1  # tensor-parallel size (ranks that split each layer)
     pp: int = 1  # pipeline-parallel size (stages)
+    pipeline_partition: str = "parameters"  # blocks to stages: "parameters" (balanced) or "uniform"
+    pipeline_split: list[int] | None = None  # explicit blocks per stage, e.g. [3, 5]; overrides it
     dp: int | None = None  # data-parallel size; null = world size / (tp * pp)
     sequence_parallel: bool = False  # shard norms/dropout along the sequence (needs tp > 1)
     zero_stage: int = 0  # DeepSpeed ZeRO stage: 0 off, 1 optimizer, 2 +gradients, 3 +parameters
-    timeout_minutes: float = 10.0  # collective timeout; a dead rank ends the job after this
+    timeout_minutes: float = 10.0  # collective timeout: a rank that hangs ends the job after this
+    heartbeat_timeout_s: float = 60.0  # a rank silent this long is named dead, all exit; 0: off
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name}={getattr(self, name)}: must be >= 1")
+        if self.pipeline_partition not in ("parameters", "uniform"):
+            raise ValueError(
+                f"parallel.pipeline_partition={self.pipeline_partition!r}: expected "
+                "'parameters' or 'uniform'"
+            )
+        if self.pipeline_split is not None and len(self.pipeline_split) != self.pp:
+            raise ValueError(
+                f"parallel.pipeline_split={self.pipeline_split}: expected one block count per "
+                f"stage (parallel.pp={self.pp})"
+            )
         if self.dp is not None and self.dp < 1:
             raise ValueError(f"parallel.dp={self.dp}: must be >= 1, or null to derive it")
         if self.zero_stage not in (0, 1, 2, 3):
@@ -26,6 +39,11 @@ class ParallelConfig:
             raise ValueError("parallel.sequence_parallel=true needs parallel.tp > 1")
         if self.timeout_minutes <= 0:
             raise ValueError(f"parallel.timeout_minutes={self.timeout_minutes}: must be > 0")
+        if self.heartbeat_timeout_s != 0 and self.heartbeat_timeout_s < 5:
+            raise ValueError(
+                f"parallel.heartbeat_timeout_s={self.heartbeat_timeout_s}: must be >= 5 "
+                "(seconds), or 0 to turn the heartbeat off"
+            )
 
     def world_size(self, default_dp: int = 1) -> int:
         """Ranks this layout needs; dp=null counts as default_dp."""

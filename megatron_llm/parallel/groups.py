@@ -94,15 +94,20 @@ def skip_cpu_shm_allreduce() -> None:
 
 
 def init_distributed(timeout_minutes: float) -> None:
-    """Join the job's process group (gloo on CPU, nccl on GPU) if not already in one."""
+    """Join the job's process group (gloo on CPU, nccl on GPU) if not already in one.
+
+    Ranks come from the launcher's variables, else from srun or MPI (megatron_llm/cluster/
+    ranks.py). timeout_minutes bounds every collective, NCCL's included (its own default is 30).
+    """
     import deepspeed  # heavy import: only when a run starts
 
     if dist.is_initialized():
         return
+    from megatron_llm.cluster.ranks import discover
+
+    discover(os.environ)  # srun tasks and mpirun ranks: RANK etc. from Slurm or mpi4py
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
-    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-        os.environ.setdefault(name, value)
     from deepspeed.accelerator import get_accelerator
 
     skip_cpu_shm_allreduce()

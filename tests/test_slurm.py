@@ -1,0 +1,165 @@
+"""Slurm: node lists, GPUs per node, hostfiles, srun rank variables, and the batch script."""
+
+import io
+import json
+from contextlib import redirect_stdout
+
+import pytest
+
+from megatron_llm.cluster import ranks, slurm
+from megatron_llm.cluster.__main__ import main as cluster_main
+from megatron_llm.cluster.checks import problems
+from megatron_llm.parallel.config import ParallelConfig
+from tests.cluster_runs import losses, sbatch_run  # noqa: F401  (session fixture)
+
+NODELISTS = [
+    ("node001", ["node001"]),
+    ("gpu[001-004,010],cpu07", ["gpu001", "gpu002", "gpu003", "gpu004", "gpu010", "cpu07"]),
+    ("node[8-11]", ["node8", "node9", "node10", "node11"]),  # no padding
+    ("node[08-11]", ["node08", "node09", "node10", "node11"]),  # padded to the first number
+    ("nid[001234-001236]", ["nid001234", "nid001235", "nid001236"]),  # Cray
+    ("gpu-a100-[1,3,5-6]", ["gpu-a100-1", "gpu-a100-3", "gpu-a100-5", "gpu-a100-6"]),
+    ("node[01-02]-ib", ["node01-ib", "node02-ib"]),  # suffix after the range
+    ("rack[1-2]-n[1-2]", ["rack1-n1", "rack1-n2", "rack2-n1", "rack2-n2"]),  # two ranges
+    ("a[7],b,c[09-10]", ["a7", "b", "c09", "c10"]),
+    ("host1.cluster.org,host2.cluster.org", ["host1.cluster.org", "host2.cluster.org"]),
+    ("dgx[1-2],dgx-login", ["dgx1", "dgx2", "dgx-login"]),
+    ("", []),
+]
+
+
+@pytest.mark.parametrize("nodelist, hosts", NODELISTS)
+def test_expand_nodelist(nodelist, hosts):
+    assert slurm.expand_nodelist(nodelist) == hosts
+
+
+@pytest.mark.parametrize(
+    "bad, says",
+    [
+        ("node[1-", "never closed"),
+        ("node]1", "without '['"),
+        ("node[a-b]", "bad range 'a-b'"),
+        ("node[5-3]", "runs backwards"),
+        ("n[1[2]]", "nested"),
+    ],
+)
+def test_bad_nodelist_names_the_part(bad, says):
+    with pytest.raises(slurm.SlurmError) as err:
+        slurm.expand_nodelist(bad)
+    assert says in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"SLURM_GPUS_ON_NODE": "8"}, 8),
+        ({"SLURM_GPUS_PER_NODE": "4"}, 4),
+        ({"SLURM_GPUS_PER_NODE": "a100:4"}, 4),
+        ({"SLURM_GPUS_PER_NODE": "gpu:h100:8"}, 8),
+        ({"SLURM_GPUS_PER_NODE": "a100:2,v100:2"}, 4),
+        ({"SLURM_JOB_GPUS": "0,1,2"}, 3),
+        ({"CUDA_VISIBLE_DEVICES": "2,3"}, 2),
+    ],
+)
+def test_gpus_per_node(env, expected):
+    assert slurm.gpus_per_node(env)[0] == expected
+
+
+def test_job_from_env_master_port_and_cpu_ranks(monkeypatch):
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: None)  # no scontrol, no nvidia-smi
+    env = {"SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "cn[01-02]"}
+    job = slurm.job_from_env(env, cpu_ranks=4)
+    assert job.hosts == ["cn01", "cn02"] and job.master_addr == "cn01"
+    assert job.master_port == 10000 + 123456 % 20000  # the same on every node, below 32768
+    assert job.ranks_per_node == 2 and job.world_size == 4
+    gpu = slurm.job_from_env({**env, "SLURM_GPUS_ON_NODE": "8", "MASTER_PORT": "6000"})
+    assert (gpu.ranks_per_node, gpu.world_size, gpu.master_port) == (8, 16, 6000)
+    with pytest.raises(slurm.SlurmError, match="do not split evenly over 2 nodes"):
+        slurm.job_from_env(env, cpu_ranks=3)
+    with pytest.raises(slurm.SlurmError, match="SLURM_JOB_NODELIST is not set"):
+        slurm.job_from_env({})
+
+
+def test_cli_writes_hostfile_and_exports(tmp_path, monkeypatch):
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: None)
+    for name, value in {
+        "SLURM_JOB_ID": "77",
+        "SLURM_JOB_NODELIST": "gpu[001-002]",
+        "SLURM_GPUS_PER_NODE": "h100:4",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert cluster_main(["slurm", "--hostfile", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf").read_text() == "gpu001 slots=4\ngpu002 slots=4\n"
+    assert out.getvalue().splitlines() == [
+        "export MASTER_ADDR=gpu001",
+        "export MASTER_PORT=10077",
+        "export NNODES=2",
+        "export RANKS_PER_NODE=4",
+        "export NODES='gpu001 gpu002'",
+    ]
+    assert slurm.node_rank(["gpu001", "gpu002"], {"SLURMD_NODENAME": "gpu002"}) == 1
+    assert slurm.node_rank(["x", "y"], {"SLURM_NODEID": "1"}) == 1
+
+
+def test_srun_task_variables_become_rank_variables():
+    env = {
+        "SLURM_PROCID": "13",
+        "SLURM_NTASKS": "16",
+        "SLURM_LOCALID": "5",
+        "SLURM_NTASKS_PER_NODE": "8(x2)",
+        "MASTER_ADDR": "gpu001",
+        "MASTER_PORT": "10077",
+        ranks.RANKS_FROM: "slurm",
+    }
+    assert ranks.discover(env) == "srun task 13 of 16"
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_SIZE"]) == (
+        "13",
+        "16",
+        "5",
+        "8",
+    )
+    with pytest.raises(RuntimeError, match="MASTER_ADDR and MASTER_PORT"):
+        ranks.discover({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", ranks.RANKS_FROM: "slurm"})
+
+
+def _report(rank, host, code="abc", gpus=0, local_rank=0):
+    return dict(
+        rank=rank,
+        host=host,
+        local_rank=local_rank,
+        code=code,
+        git=None,
+        versions="torch x",
+        gpus=gpus,
+        visible=None,
+        nccl={},
+    )
+
+
+def test_environment_check_names_hosts_with_other_code_and_missing_gpus():
+    good = [_report(r, f"n{r // 2}") for r in range(4)]
+    assert problems(good, ParallelConfig(dp=4)) == []
+    stale = [_report(r, f"n{r // 2}", code="abc" if r < 2 else "def") for r in range(4)]
+    (found,) = problems(stale, ParallelConfig())
+    assert "abc (ranks 0-1 on n0); def (ranks 2-3 on n1)" in found
+    short = [_report(r, "g0", gpus=2, local_rank=r) for r in range(3)]
+    (found,) = problems(short, ParallelConfig())
+    assert "rank 2 on g0 has LOCAL_RANK 2 but sees only 2 GPU(s)" in found
+    (found,) = problems(good, ParallelConfig(dp=2))
+    assert "world size 4 != tp (1) x pp (1) x dp (2)" in found
+
+
+@pytest.mark.slow
+def test_sbatch_script_trains_under_simulated_slurm(sbatch_run):  # noqa: F811
+    run_dir, out = sbatch_run
+    assert "[slurm] job 4242: 1 node(s) (localhost), 2 rank(s) per node" in out
+    assert "--hostfile" in out and "--no_ssh --node_rank 0" in out
+    assert "[env] 2 ranks on 1 host(s)" in out and "[env] NCCL variables" in out
+    assert "[slurm] finished with exit code 0" in out
+    assert len(losses(run_dir)) == 4
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["checkpoint"].endswith("global_step4")
