@@ -43,13 +43,27 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         # Checks that span sections; each section has already checked itself.
-        if self.parallel.pp > 1 and self.parallel.zero_stage > 1:
+        if self.parallel.pp > 1 and self.parallel.zero_stage != 1:
+            # ZeRO 2/3 are refused by DeepSpeed's pipeline engine; with ZeRO 0 its gradient
+            # clipping counts only the first stage's gradients (DeepSpeed 0.19), and bf16
+            # pipeline checkpoints fail to load. ZeRO 1 is right in fp32 and bf16 (tested).
             raise ValueError(
                 f"parallel.zero_stage={self.parallel.zero_stage} with parallel.pp="
-                f"{self.parallel.pp}: DeepSpeed allows only ZeRO stage 0 or 1 with pipeline "
-                "parallelism; use parallel.zero_stage=1 or parallel.pp=1"
+                f"{self.parallel.pp}: pipeline parallelism runs with ZeRO stage 1 only; "
+                "use parallel.zero_stage=1 (at dp=1 it costs nothing)"
             )
         self.model.check_divisible_by_tp(self.parallel.tp)
+        forked_dropout = self.model.attention_dropout > 0 or (
+            self.parallel.sequence_parallel and self.model.dropout > 0
+        )
+        if self.train.activation_checkpointing and self.parallel.tp > 1 and forked_dropout:
+            # Recomputation restores torch's RNG but not the per-rank stream that split
+            # tensors draw their dropout masks from (parallel/random.py): backward would use
+            # other masks than forward.
+            raise ValueError(
+                "train.activation_checkpointing with parallel.tp > 1 needs "
+                "model.attention_dropout=0 (and model.dropout=0 with sequence parallelism)"
+            )
         if self.parallel.sequence_parallel and self.model.seq_length % self.parallel.tp:
             raise ValueError(
                 f"model.seq_length={self.model.seq_length} is not divisible by parallel.tp="

@@ -106,3 +106,24 @@ def test_too_long_input_is_refused():
     model = GPT(tiny("gpt2"), 64)
     with pytest.raises(ValueError, match="exceeds model.seq_length=32"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_activation_checkpointing_recomputes_and_keeps_gradients() -> None:
+    """Segments of k blocks run again in backward; losses and gradients stay the same."""
+    from megatron_llm.config import load_config
+
+    cfg = load_config(None, ["model.num_layers=4", "model.hidden_size=32", "model.num_heads=4"])
+    tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
+    results = []
+    for every in (0, 1, 2):
+        torch.manual_seed(0)
+        model = GPT(cfg.model, 64)
+        model.checkpoint_every = every
+        calls = []
+        model.blocks[0].register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        model(tokens[:, :-1], tokens[:, 1:]).backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        results.append((len(calls), grads))
+    assert [calls for calls, _ in results] == [1, 2, 2]  # recomputed when checkpointed
+    for _, grads in results[1:]:
+        torch.testing.assert_close(grads, results[0][1], rtol=0, atol=0)

@@ -63,6 +63,7 @@ def save(
     config: dict[str, Any],
     keep_last: int = 0,
     keep_every: int = 0,
+    names: dict[str, str] | None = None,
 ) -> Path:
     """Save a complete checkpoint for ``step`` atomically; every rank calls this."""
     root_path = Path(root)
@@ -71,7 +72,7 @@ def save(
     index: dict[str, Any] = {}
     weights: dict[str, torch.Tensor] = {}
     optim: dict[str, dict[str, torch.Tensor]] = {}
-    for name, whole in gather_state(engine, ctx):
+    for name, whole in gather_state(engine, ctx, names=names):
         weights[name] = whole["param"]
         optim[name] = {k: v for k, v in whole.items() if k != "param"}
     if weights:
@@ -213,6 +214,7 @@ def restore(
     ckpt: io.Checkpoint,
     tensors: dict[str, dict[str, torch.Tensor]],
     reseed: Callable[[int], None],
+    names: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Put the engine where the checkpoint's run was; returns its run state.
 
@@ -221,7 +223,7 @@ def restore(
     """
     run = ckpt.run_state()
     step = run["step"] if ckpt.has_optimizer else 0
-    restore_state(engine, ctx, tensors, run.get("optimizer_step", step) if step else 0)
+    restore_state(engine, ctx, tensors, run.get("optimizer_step", step) if step else 0, names)
     sched = engine.lr_scheduler
     if step and sched is not None:
         # The lr is a function of the step: recompute it for this run's (possibly changed)

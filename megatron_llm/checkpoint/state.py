@@ -101,11 +101,17 @@ def writer_of(index: int, ctx: ParallelContext) -> int:
 
 
 def gather_state(
-    engine: Any, ctx: ParallelContext, *, optimizer: bool = True
+    engine: Any,
+    ctx: ParallelContext,
+    *,
+    optimizer: bool = True,
+    names: Mapping[str, str] | None = None,
 ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """(name, {"param", "exp_avg", "exp_avg_sq"}) of the parameters this rank writes.
 
-    Collective over the stage: every rank must exhaust the iterator.
+    ``names`` maps the engine's parameter names to the single-device model's (pipeline layers
+    are named by position); the checkpoint always uses the latter. Collective over the stage:
+    every rank must exhaust the iterator.
     """
     if optimizer:
         _link_optimizer_views(engine)
@@ -114,7 +120,7 @@ def gather_state(
         keys = (None, *OPTIM_KEYS) if optimizer else (None,)
         whole = {k or "param": _tp_full(_dp_full(engine, p, k, masters), p, ctx) for k in keys}
         if writer_of(i, ctx) == ctx.rank:
-            yield name, whole
+            yield (names or {}).get(name, name), whole
 
 
 def load_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
@@ -166,6 +172,7 @@ def restore_state(
     ctx: ParallelContext,
     tensors: Mapping[str, Mapping[str, torch.Tensor]],
     step: float,
+    names: Mapping[str, str] | None = None,
 ) -> None:
     """Set fp32 master weights and AdamW state from whole tensors; every rank calls this.
 
@@ -181,7 +188,7 @@ def restore_state(
         _ensure_optimizer_state(engine, step)
     base, masters = _base_optimizer(engine), _masters(engine)
     for name, p in engine.module.named_parameters():
-        whole = tensors[name]
+        whole = tensors[(names or {}).get(name, name)]
         if _is_deepspeed_managed(p):
             safe_set_full_fp32_param(p, local_slice(whole["param"], p, ctx))
             if with_optimizer:

@@ -15,7 +15,6 @@ def validation_loss(
     engine: Any, dataset: Any, *, iters: int, micro_batch_size: int, ctx: ParallelContext
 ) -> float:
     """Mean token loss over ``iters`` micro-batches per rank, always the same samples."""
-    engine.eval()
     batches = micro_batches(
         dataset,
         consumed_samples=0,
@@ -23,6 +22,12 @@ def validation_loss(
         dp_rank=ctx.dp_rank,
         dp_size=ctx.dp,
     )
+    if hasattr(engine, "eval_batch"):  # a pipeline engine: the schedule runs the stages
+        from megatron_llm.training.loop import pipeline_pairs
+
+        loss = engine.eval_batch(pipeline_pairs(batches), num_micro_batches=iters)
+        return mean_over_dp(loss.detach().float(), ctx)
+    engine.eval()
     total = torch.zeros(())
     with torch.no_grad():
         for _ in range(iters):

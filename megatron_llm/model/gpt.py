@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megatron_llm import kernels
 from megatron_llm.model.config import ModelConfig
@@ -155,6 +156,9 @@ class GPT(nn.Module):
             None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, vocab_size, bias=False)
         )
         self.loss_fn = cross_entropy  # vocab-parallel under tensor parallelism
+        # Activation checkpointing (train.activation_checkpointing): recompute each segment of
+        # this many blocks in backward; 0 keeps every activation.
+        self.checkpoint_every = 0
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -183,14 +187,23 @@ class GPT(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(torch.arange(seq, device=tokens.device))
         x = self.dropout(self.scatter_sequence(x))
-        for block in self.blocks:
-            x = block(x)
+        k = self.checkpoint_every
+        for start in range(0, len(self.blocks), k or len(self.blocks)):
+            if k and self.training:  # keep only segment inputs; recompute the rest in backward
+                x = checkpoint(self._blocks, x, start, start + k, use_reentrant=False)
+            else:
+                x = self._blocks(x, start, start + (k or len(self.blocks)))
         x = self.final_norm(x)
         # (batch, seq, vocab); under tensor parallelism each rank holds a slice of the vocab
         logits = self.embed.attend(x) if self.head is None else self.head(x)
         if labels is None:
             return logits
         return self.loss_fn(logits, labels)
+
+    def _blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        for block in self.blocks[start:stop]:
+            x = block(x)
+        return x
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -9,6 +9,8 @@ import dataclasses
 class ParallelConfig:
     tp: int = 1  # tensor-parallel size (ranks that split each layer)
     pp: int = 1  # pipeline-parallel size (stages)
+    pipeline_partition: str = "parameters"  # blocks to stages: "parameters" (balanced) or "uniform"
+    pipeline_split: list[int] | None = None  # explicit blocks per stage, e.g. [3, 5]; overrides it
     dp: int | None = None  # data-parallel size; null = world size / (tp * pp)
     sequence_parallel: bool = False  # shard norms/dropout along the sequence (needs tp > 1)
     zero_stage: int = 0  # DeepSpeed ZeRO stage: 0 off, 1 optimizer, 2 +gradients, 3 +parameters
@@ -19,6 +21,16 @@ class ParallelConfig:
         for name in ("tp", "pp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name}={getattr(self, name)}: must be >= 1")
+        if self.pipeline_partition not in ("parameters", "uniform"):
+            raise ValueError(
+                f"parallel.pipeline_partition={self.pipeline_partition!r}: expected "
+                "'parameters' or 'uniform'"
+            )
+        if self.pipeline_split is not None and len(self.pipeline_split) != self.pp:
+            raise ValueError(
+                f"parallel.pipeline_split={self.pipeline_split}: expected one block count per "
+                f"stage (parallel.pp={self.pp})"
+            )
         if self.dp is not None and self.dp < 1:
             raise ValueError(f"parallel.dp={self.dp}: must be >= 1, or null to derive it")
         if self.zero_stage not in (0, 1, 2, 3):

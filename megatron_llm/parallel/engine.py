@@ -22,6 +22,13 @@ def deepspeed_config(cfg: Any, dp: int) -> dict[str, Any]:
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        # The pipeline engine sends 1/tp of each activation and all-gathers it over tp, which
+        # assumes the tp ranks hold the same activation; under sequence parallelism each holds
+        # its own sequence shard, so it must send them whole.
+        "pipeline": {
+            "pipe_partitioned": not cfg.parallel.sequence_parallel,
+            "grad_partitioned": not cfg.parallel.sequence_parallel,
+        },
         "steps_per_print": 2**31 - 1,  # our loop logs; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     }
@@ -49,11 +56,12 @@ def build_engine(model: nn.Module, cfg: Any, ctx: ParallelContext) -> Any:
         param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
     )
     scheduler = build_scheduler(optimizer, o, cfg.train.steps)
+    pipelined = isinstance(model, deepspeed.PipelineModule)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
         config=deepspeed_config(cfg, ctx.dp),
-        mpu=ctx,
+        mpu=None if pipelined else ctx,  # a PipelineModule brings its own grid of groups
     )
     return engine

@@ -46,12 +46,19 @@ class TrainConfig:
     # stop, save a checkpoint and exit 0 after this many minutes of training (0 = no limit);
     # set it a few minutes under the job's wall time
     exit_after_minutes: float = 0.0
+    # recompute activations in backward instead of keeping them: 0 = off, 1 = every block,
+    # k = one checkpoint per k blocks (less memory, about one extra forward of compute)
+    activation_checkpointing: int = 0
     exit_interval: int = 0  # stop, save and exit 0 after a step that is a multiple of N (0 = off)
 
     def __post_init__(self) -> None:
         for name in ("steps", "micro_batch_size", "grad_accum_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)}: must be >= 1")
+        if self.activation_checkpointing < 0:
+            raise ValueError(
+                f"train.activation_checkpointing={self.activation_checkpointing}: must be >= 0"
+            )
         if self.exit_interval < 0:
             raise ValueError(f"train.exit_interval={self.exit_interval}: must be >= 0")
         if self.exit_after_minutes < 0:

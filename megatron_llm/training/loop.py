@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from megatron_llm.checkpoint import runtime as ckpt_run
 from megatron_llm.checkpoint.state import load_weights
@@ -21,6 +22,7 @@ from megatron_llm.eval.perplexity import perplexity, validation_loss
 from megatron_llm.model import GPT
 from megatron_llm.parallel.engine import build_engine
 from megatron_llm.parallel.groups import ParallelContext, mean_over_dp
+from megatron_llm.parallel.pipeline import build_pipeline, global_names
 from megatron_llm.parallel.random import TensorParallelRNG
 from megatron_llm.parallel.shard import shard_model
 from megatron_llm.training.metrics import MetricsLog
@@ -59,6 +61,12 @@ def train_step(
     tp_group: dist.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, float | None]:
     """One optimizer step over ``accum`` micro-batches: (this rank's mean loss, grad norm)."""
+    if isinstance(engine, PipelineEngine):
+        # The 1F1B schedule runs the accum micro-batches through the stages; the loss comes
+        # back averaged over micro-batches and data-parallel ranks, on every stage.
+        loss = engine.train_batch(pipeline_pairs(batches))
+        norm = engine.get_global_grad_norm()
+        return loss.detach().float(), None if norm is None else float(norm)
     total = torch.zeros(())
     measured = None
     for _ in range(accum):
@@ -71,6 +79,12 @@ def train_step(
         total += loss.detach().float()
     norm = engine.get_global_grad_norm()
     return total / accum, measured if norm is None else float(norm)
+
+
+def pipeline_pairs(batches: Iterator[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, labels) micro-batches, as DeepSpeed's pipeline engine reads them."""
+    for tokens in batches:  # (micro_batch, seq + 1)
+        yield tokens[:, :-1], tokens[:, 1:]
 
 
 def reseeder(cfg: RunConfig, ctx: ParallelContext, model: torch.nn.Module) -> Callable[[int], None]:
@@ -104,10 +118,16 @@ def build(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
     model = shard_model(
         model, ctx, sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.train.seed
     )
-    engine = build_engine(model, cfg, ctx)
+    model.checkpoint_every = cfg.train.activation_checkpointing
+    # Under pipeline parallelism the engine trains this stage's layers of the model.
+    module = build_pipeline(model, ctx, cfg) if ctx.pp > 1 else model
+    names = global_names(model, module) if module is not model else None
+    engine = build_engine(module, cfg, ctx)
     run_state: dict[str, Any] = {"step": 0, "consumed_samples": 0}
     if ckpt is not None:
-        run_state = ckpt_run.restore(engine, model, ctx, ckpt, tensors, reseeder(cfg, ctx, model))
+        run_state = ckpt_run.restore(
+            engine, model, ctx, ckpt, tensors, reseeder(cfg, ctx, model), names
+        )
         if ctx.is_logging_rank:
             print(f"[checkpoint] resumed from {ckpt.path} at step {run_state['step']}", flush=True)
     else:
@@ -132,6 +152,7 @@ def build(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
     return dict(
         engine=engine,
         model=model,
+        names=names,
         tokenizer=tokenizer,
         parameters=parameters,
         step=step,
@@ -165,6 +186,7 @@ def save_checkpoint(cfg: RunConfig, ctx: ParallelContext, run: dict[str, Any], s
         config=cfg.to_dict(),
         keep_last=c.keep_last,
         keep_every=c.keep_every,
+        names=run["names"],
     )
     return str(path)
 

@@ -1,0 +1,151 @@
+"""The decoder as DeepSpeed pipeline layers (``PipelineModule``, 1F1B schedule).
+
+The GPT is built whole from the seed and sharded for tensor parallelism as without pipelines
+(shard.py); its modules then become a flat list of pipeline layers:
+
+    [embedding] [positions + dropout (+ sequence scatter)] [block 0] ... [block L-1]
+    [final norm] [head]
+
+The first stage holds the embedding, the last the final norm, the head and the loss. With tied
+embeddings the head is the embedding itself: a ``TiedLayerSpec`` builds it on both stages and
+DeepSpeed sums the two gradients (``allreduce_tied_weight_gradients``). Blocks are split across
+stages by count (``uniform``), by parameter count (``parameters``), or as the user lists them
+(``parallel.pipeline_split``: blocks per stage).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from deepspeed.pipe import PipelineModule, TiedLayerSpec
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megatron_llm.model.gpt import GPT, Block
+
+
+class EmbeddingPipe(nn.Module):
+    """Token embedding; on the last stage of a tied model, also the output head."""
+
+    def __init__(self, embed: nn.Module) -> None:
+        super().__init__()
+        self.embed = embed
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed(tokens)  # (batch, seq, hidden)
+
+
+def tied_head(module: EmbeddingPipe, x: torch.Tensor) -> torch.Tensor:
+    return module.embed.attend(x)  # (batch, seq, vocab or vocab / tp)
+
+
+class InputPipe(nn.Module):
+    """Learned positions, embedding dropout and, under sequence parallelism, the scatter."""
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.pos_embed = model.pos_embed
+        self.scatter_sequence = model.scatter_sequence
+        self.dropout = model.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.arange(x.shape[1], device=x.device))
+        return self.dropout(self.scatter_sequence(x))
+
+
+class Pipeline(PipelineModule):
+    """A PipelineModule whose blocks go to stages as ``blocks_per_stage`` says."""
+
+    def __init__(self, layers: list, blocks_per_stage: Sequence[int], **kwargs: Any) -> None:
+        self._blocks_per_stage = list(blocks_per_stage)
+        super().__init__(layers, partition_method="ours", **kwargs)
+
+    def _partition_layers(self, method: str = "ours") -> None:
+        # Stage s holds blocks_per_stage[s] blocks; the two input layers go with the first stage
+        # and the final norm and head with the last.
+        parts, at = [0], 2
+        for count in self._blocks_per_stage[:-1]:
+            at += count
+            parts.append(at)
+        parts.append(len(self._layer_specs))
+        self.parts = parts
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=parts[stage], stop=parts[stage + 1])
+
+
+def split_blocks(model: GPT, stages: int, method: str, split: Sequence[int] | None) -> list[int]:
+    """Blocks per stage: as listed, uniform by count, or balanced by parameter count."""
+    n = len(model.blocks)
+    if split:
+        if len(split) != stages or sum(split) != n or min(split) < 1:
+            raise ValueError(
+                f"parallel.pipeline_split={list(split)}: expected {stages} positive block counts "
+                f"(one per stage) summing to model.num_layers={n}"
+            )
+        return list(split)
+    if n < stages:
+        raise ValueError(f"model.num_layers={n} < parallel.pp={stages}: a stage would be empty")
+    if method == "uniform":
+        return [n // stages + (1 if s < n % stages else 0) for s in range(stages)]
+    # "parameters": the first and last stages also carry the embedding and the head, so give
+    # them fewer blocks when those are large; greedy over cumulative parameter targets.
+    block = sum(p.numel() for p in model.blocks[0].parameters())
+    embed = sum(p.numel() for p in model.embed.parameters())
+    head = embed if model.head is None else sum(p.numel() for p in model.head.parameters())
+    weights = [embed] + [block] * n + [head]
+    total = sum(weights)
+    counts, start = [], 1
+    for s in range(stages - 1):
+        target, acc, i = total * (s + 1) / stages, sum(weights[:start]), start
+        while i < n + 1 - (stages - 1 - s) and acc + weights[i] / 2 <= target:
+            acc += weights[i]
+            i += 1
+        counts.append(max(1, i - start))
+        start += counts[-1]
+    counts.append(n - sum(counts))
+    return counts
+
+
+def build_pipeline(model: GPT, ctx: Any, cfg: Any) -> Pipeline:
+    """The (tp-sharded) GPT as a PipelineModule over this job's (pp, dp, tp) topology."""
+    p = cfg.parallel
+    counts = split_blocks(model, ctx.pp, p.pipeline_partition, p.pipeline_split)
+    tied = model.head is None
+    layers: list[Any] = [
+        TiedLayerSpec("embed", EmbeddingPipe, model.embed, tied_weight_attr=["embed.weight"])
+        if tied
+        else EmbeddingPipe(model.embed),
+        InputPipe(model),
+        *model.blocks,
+        model.final_norm,
+        TiedLayerSpec(
+            "embed",
+            EmbeddingPipe,
+            model.embed,
+            forward_fn=tied_head,
+            tied_weight_attr=["embed.weight"],
+        )
+        if tied
+        else model.head,
+    ]
+    every = cfg.train.activation_checkpointing
+    return Pipeline(
+        layers,
+        counts,
+        topology=PipeModelDataParallelTopology(num_pp=ctx.pp, num_mp=ctx.tp, num_dp=ctx.dp),
+        loss_fn=model.loss_fn,
+        activation_checkpoint_interval=every,
+        activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False),
+        checkpointable_layers=[Block.__name__],
+    )
+
+
+def global_names(model: GPT, pipe: nn.Module) -> dict[str, str]:
+    """Pipeline parameter name -> the single-device model's name, for this stage's params."""
+    ours = {id(p): name for name, p in model.named_parameters()}
+    return {name: ours[id(p)] for name, p in pipe.named_parameters() if id(p) in ours}
