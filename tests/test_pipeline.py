@@ -110,3 +110,19 @@ def test_pipeline_resume_is_bitwise(
     )[0]
     assert resumed["first_step"] == 4
     assert straight["losses"] == first["losses"] + resumed["losses"]
+
+
+def test_blocks_split_by_count_parameters_or_as_listed() -> None:
+    from megatron_llm.config import load_config
+    from megatron_llm.model import GPT
+    from megatron_llm.parallel.pipeline import split_blocks
+
+    cfg = load_config(None, ["model.num_layers=8", "model.hidden_size=64", "model.num_heads=4"])
+    small, large = GPT(cfg.model, 64), GPT(cfg.model, 20000)
+    assert split_blocks(small, 4, "uniform", None) == [2, 2, 2, 2]
+    assert split_blocks(small, 4, "parameters", None) == [2, 2, 2, 2]
+    # A large vocabulary weighs on the first (embedding) and last (head) stages.
+    assert split_blocks(large, 4, "parameters", None) == [1, 3, 3, 1]
+    assert split_blocks(large, 4, "uniform", [1, 2, 2, 3]) == [1, 2, 2, 3]  # the user's split
+    with pytest.raises(ValueError, match="summing to model.num_layers=8"):
+        split_blocks(small, 2, "uniform", [3, 3])
