@@ -78,7 +78,7 @@ from data_tools.shards import (
 from megatron_llm.data.indexed import ShardWriter
 from megatron_llm.data.tokenizer import Tokenizer, TokenizerError
 
-CHUNK_BYTES = 1 << 20  # text per pool task: big enough to amortize pickling, small for memory
+CHUNK_BYTES = 1 << 20  # raw input per worker task: amortizes the hand-over, bounds memory
 SHOWN_PROBLEMS = 5
 
 
