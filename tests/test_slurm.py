@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 from contextlib import redirect_stdout
 
 import pytest
@@ -10,6 +11,7 @@ from megatron_llm.cluster import ranks, slurm
 from megatron_llm.cluster.__main__ import main as cluster_main
 from megatron_llm.cluster.checks import problems
 from megatron_llm.parallel.config import ParallelConfig
+from tests import cluster_runs
 from tests.cluster_runs import losses, sbatch_run  # noqa: F401  (session fixture)
 
 NODELISTS = [
@@ -163,3 +165,55 @@ def test_sbatch_script_trains_under_simulated_slurm(sbatch_run):  # noqa: F811
     assert len(losses(run_dir)) == 4
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["checkpoint"].endswith("global_step4")
+
+
+# A stand-in for srun on a machine without Slurm: one task per (node, task), with the task
+# variables srun sets, all on this machine.
+FAKE_SRUN = """#!/usr/bin/env bash
+nodes=1; per_node=1
+while [[ $1 == -* ]]; do
+  case $1 in
+    --nodes=*) nodes=${1#*=} ;;
+    --ntasks-per-node=*) per_node=${1#*=} ;;
+  esac
+  shift
+done
+pids=()
+for ((n = 0; n < nodes; n++)); do
+  for ((t = 0; t < per_node; t++)); do
+    SLURM_PROCID=$((n * per_node + t)) SLURM_LOCALID=$t SLURM_NODEID=$n \\
+      SLURM_NTASKS=$((nodes * per_node)) SLURM_NTASKS_PER_NODE=$per_node "$@" &
+    pids+=($!)
+  done
+done
+for _ in "${pids[@]}"; do  # --kill-on-bad-exit: the first failed task ends the others
+  wait -n && continue
+  status=$?
+  kill "${pids[@]}" 2> /dev/null
+  exit $status
+done
+"""
+
+
+@pytest.mark.slow
+def test_sbatch_srun_mode_one_task_per_rank(tmp_path, sbatch_run, email_shard, bpe_model):  # noqa: F811
+    reference, _ = sbatch_run  # the same run through the deepspeed launcher
+    fake = tmp_path / "bin/srun"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_SRUN)
+    fake.chmod(0o755)
+    run_dir = tmp_path / "run"
+    environ = cluster_runs.env(
+        PATH=f"{fake.parent}:{cluster_runs.BIN}:{os.environ['PATH']}",
+        LAUNCHER="srun",
+        SLURM_JOB_ID="4243",
+        SLURM_JOB_NODELIST="localhost",
+        SLURM_SUBMIT_DIR=str(tmp_path),
+        MASTER_ADDR="127.0.0.1",
+    )
+    args = cluster_runs.run_args(run_dir, email_shard, bpe_model, "parallel.dp=2", "train.steps=4")
+    out = cluster_runs.run(["bash", cluster_runs.SBATCH, *args], tmp_path, environ)
+    assert "[slurm] srun: srun --kill-on-bad-exit=1 --mpi=none --nodes=1 --ntasks-per-node=2" in out
+    assert "[launch]" not in out  # srun made the ranks; no deepspeed launcher
+    assert "world 2 = tp 1 x pp 1 x dp 2" in out
+    assert losses(run_dir) == losses(reference)
