@@ -6,7 +6,6 @@ The runs are the real training loop on real shards over gloo ranks (tests/checkp
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -20,59 +19,55 @@ def _args(run_dir: Path, shard: Shard, bpe_model: Path, *extra: str) -> list[str
     return overrides(str(run_dir), shard.prefix, str(bpe_model), *extra)
 
 
-def _straight_vs_resumed(tmp_path: Path, shard: Shard, bpe_model: Path, *layout: str) -> None:
-    """6 steps straight == 3 steps, stop, resume, 3 steps: losses bitwise, the same batches."""
-    world = math.prod(
-        int(o.split("=")[1]) for o in layout if o.split("=")[0] in ("parallel.tp", "parallel.dp")
-    )
-    common = [
-        *layout,
-        "train.steps=6",
-        "train.grad_accum_steps=2",
-        "model.dropout=0.1",
-        "model.attention_dropout=0.1",
-    ]
-    straight, first, resumed = zip(
-        *run_on_ranks(
-            world,
-            train_runs,
-            [
-                _args(tmp_path / "straight", shard, bpe_model, *common),
-                _args(tmp_path / "resumed", shard, bpe_model, *common, "train.exit_interval=3"),
-                _args(tmp_path / "resumed", shard, bpe_model, *common),
-            ],
-        )
-    )
-    assert first[0]["stopped"] == "train.exit_interval=3 reached"
-    assert resumed[0]["first_step"] == 4
-    assert straight[0]["losses"] == first[0]["losses"] + resumed[0]["losses"]  # bitwise
-    for rank in range(world):
-        assert straight[rank]["batches"] == first[rank]["batches"] + resumed[rank]["batches"]
-    # The metrics file of the resumed run holds every step once.
-    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed/metrics.jsonl").open()]
-    assert steps == [1, 2, 3, 4, 5, 6]
-
-
-@pytest.mark.parametrize(
-    "zero, precision", [(1, "fp32"), (0, "fp32"), (3, "fp32"), (1, "bf16"), (0, "bf16")]
-)
-def test_resume_is_bitwise_at_dp2(
-    tmp_path: Path, email_shard: Shard, bpe_model: Path, zero: int, precision: str
+def _straight_vs_resumed(
+    tmp_path: Path, shard: Shard, bpe_model: Path, world: int, layouts: dict[str, list[str]]
 ) -> None:
-    layout = ["parallel.dp=2", f"parallel.zero_stage={zero}", f"train.precision={precision}"]
-    _straight_vs_resumed(tmp_path, email_shard, bpe_model, *layout, "train.micro_batch_size=2")
+    """Per layout: 6 steps straight == 3 steps, stop, resume, 3 steps: losses bitwise, the same
+    batches. All layouts run on the same spawned ranks, one after the other."""
+    common = ["train.steps=6", "train.grad_accum_steps=2", "model.dropout=0.1"]
+    common.append("model.attention_dropout=0.1")
+    runs = []
+    for name, layout in layouts.items():
+        args = [*layout, *common]
+        runs += [
+            _args(tmp_path / name / "straight", shard, bpe_model, *args),
+            _args(tmp_path / name / "resumed", shard, bpe_model, *args, "train.exit_interval=3"),
+            _args(tmp_path / name / "resumed", shard, bpe_model, *args),
+        ]
+    per_rank = run_on_ranks(world, train_runs, runs)
+    for i, name in enumerate(layouts):
+        straight, first, resumed = (
+            [per_rank[r][3 * i + k] for r in range(world)] for k in range(3)
+        )
+        assert first[0]["stopped"] == "train.exit_interval=3 reached", name
+        assert resumed[0]["first_step"] == 4, name
+        assert straight[0]["losses"] == first[0]["losses"] + resumed[0]["losses"], name  # bitwise
+        for rank in range(world):
+            assert straight[rank]["batches"] == first[rank]["batches"] + resumed[rank]["batches"]
+        # The metrics file of the resumed run holds every step once.
+        metrics = tmp_path / name / "resumed/metrics.jsonl"
+        assert [json.loads(line)["step"] for line in metrics.open()] == [1, 2, 3, 4, 5, 6], name
 
 
-def test_resume_is_bitwise_at_tp2(tmp_path: Path, email_shard: Shard, bpe_model: Path) -> None:
-    _straight_vs_resumed(
-        tmp_path,
-        email_shard,
-        bpe_model,
+def test_resume_is_bitwise(tmp_path: Path, email_shard: Shard, bpe_model: Path) -> None:
+    """dp=2 with ZeRO 0/1/3 in fp32 and ZeRO 0/1 in bf16; tp=2 with sequence parallelism; all
+    with dropout and gradient accumulation."""
+    layouts = {
+        f"zero{zero}-{precision}": [
+            "parallel.dp=2",
+            f"parallel.zero_stage={zero}",
+            f"train.precision={precision}",
+            "train.micro_batch_size=2",
+        ]
+        for zero, precision in [(1, "fp32"), (0, "fp32"), (3, "fp32"), (1, "bf16"), (0, "bf16")]
+    }
+    layouts["tp2-sp"] = [
         "parallel.tp=2",
         "parallel.dp=1",
         "parallel.sequence_parallel=true",
         "train.micro_batch_size=4",
-    )
+    ]
+    _straight_vs_resumed(tmp_path, email_shard, bpe_model, 2, layouts)
 
 
 def _reshape_runs(tmp: Path, shard: Shard, bpe_model: Path, save_at: str, load_at: str) -> list:
