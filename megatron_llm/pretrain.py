@@ -77,6 +77,8 @@ def print_summary(summary: dict, cfg_path: str | None) -> None:
         lines.append(f"  nothing to do: the run was already at step {summary['steps']}")
     if "stopped" in summary:
         lines.append(f"  stopped early      {summary['stopped']}")
+    if "failed" in summary:
+        lines.append(f"  FAILED             {summary['failed']}")
     if "val_loss" in summary:
         lines.append(
             f"  validation         loss {summary['val_loss']:.4f}, "
@@ -175,9 +177,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         print(f"summary written to {out}", flush=True)
+    if "failed" in summary and ctx.rank == 0:
+        print(f"error: {summary['failed']}", file=sys.stderr, flush=True)
     dist.barrier()
     dist.destroy_process_group()
-    return 0
+    return 1 if "failed" in summary else 0
 
 
 if __name__ == "__main__":

@@ -49,6 +49,9 @@ class TrainConfig:
     # recompute activations in backward instead of keeping them: 0 = off, 1 = every block,
     # k = one checkpoint per k blocks (less memory, about one extra forward of compute)
     activation_checkpointing: int = 0
+    # stop after this many steps in a row with a non-finite loss or gradient norm, or skipped
+    # by the fp16 loss scaler (0 = never)
+    max_bad_steps: int = 5
     exit_interval: int = 0  # stop, save and exit 0 after a step that is a multiple of N (0 = off)
 
     def __post_init__(self) -> None:
@@ -59,6 +62,8 @@ class TrainConfig:
             raise ValueError(
                 f"train.activation_checkpointing={self.activation_checkpointing}: must be >= 0"
             )
+        if self.max_bad_steps < 0:
+            raise ValueError(f"train.max_bad_steps={self.max_bad_steps}: must be >= 0")
         if self.exit_interval < 0:
             raise ValueError(f"train.exit_interval={self.exit_interval}: must be >= 0")
         if self.exit_after_minutes < 0:
@@ -94,7 +99,15 @@ class EvalConfig:
 class LoggingConfig:
     interval: int = 10  # print loss, lr, grad norm and tokens/s every N steps
     dir: str = "runs/default"  # run folder: metrics.jsonl and summary.json go here
+    tensorboard: bool = True  # also write TensorBoard event files to <dir>/tensorboard
+    spike_window: int = 100  # loss spike detector: steps of history for mean and std
+    spike_z: float = 6.0  # a loss this many std above the window's mean is a spike (0 = off)
 
     def __post_init__(self) -> None:
         if self.interval < 1:
             raise ValueError(f"logging.interval={self.interval}: must be >= 1")
+        if self.spike_window < 2 or self.spike_z < 0:
+            raise ValueError(
+                f"logging.spike_window={self.spike_window} must be >= 2 and "
+                f"logging.spike_z={self.spike_z} >= 0"
+            )

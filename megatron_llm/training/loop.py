@@ -25,6 +25,7 @@ from megatron_llm.parallel.groups import ParallelContext, mean_over_dp
 from megatron_llm.parallel.pipeline import build_pipeline, global_names
 from megatron_llm.parallel.random import TensorParallelRNG
 from megatron_llm.parallel.shard import shard_model
+from megatron_llm.training.health import StepMonitor
 from megatron_llm.training.metrics import MetricsLog
 from megatron_llm.training.preemption import StopRequest
 
@@ -191,6 +192,22 @@ def save_checkpoint(cfg: RunConfig, ctx: ParallelContext, run: dict[str, Any], s
     return str(path)
 
 
+def bad_steps_message(cfg: RunConfig, step: int, consumed: int) -> str:
+    k = cfg.train.max_bad_steps
+    if cfg.train.precision == "fp16":
+        return (
+            f"{k} steps in a row up to step {step} had a non-finite loss or gradients (the loss "
+            f"scaler skipped them; data position consumed_samples={consumed}); a checkpoint was "
+            "saved. Lower optim.lr or check the data, then resume."
+        )
+    return (
+        f"{k} steps in a row up to step {step} had a non-finite loss or gradient norm (data "
+        f"position consumed_samples={consumed}); the weights are no longer trustworthy, so no "
+        f"checkpoint was saved. Resume from the last one in {cfg.checkpoint.dir} (--resume auto) "
+        "with a lower optim.lr, or skip the data."
+    )
+
+
 def train(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
     """Train up to cfg.train.steps steps; returns the run summary (same on every rank)."""
     run = build(cfg, ctx)
@@ -202,8 +219,14 @@ def train(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
         dp_rank=ctx.dp_rank,
         dp_size=ctx.dp,
     )
-    log = MetricsLog(cfg.logging.dir, enabled=ctx.is_logging_rank, resume_step=run["step"])
+    log = MetricsLog(
+        cfg.logging.dir,
+        enabled=ctx.is_logging_rank,
+        resume_step=run["step"],
+        tensorboard=cfg.logging.tensorboard,
+    )
     tokens_per_step = run["global_batch"] * cfg.model.seq_length
+    monitor = StepMonitor(cfg, ctx.world_size, run["model"].vocab_size, run["global_batch"])
     summary: dict[str, Any] = {
         "parameters": run["parameters"],
         "world_size": ctx.world_size,
@@ -229,9 +252,26 @@ def train(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
             summary["losses"].append(loss)
             consumed = run["consumed"] + (step - run["step"]) * run["global_batch"]
             record: dict[str, Any] = {"step": step, "loss": loss, "consumed_samples": consumed}
-            if step % cfg.logging.interval == 0 or step in (run["step"] + 1, t.steps):
-                record.update(lr=lr, tokens_per_s=log.throughput(), grad_norm=grad_norm)
+            health, too_many_bad = monitor.check(loss, grad_norm, engine.skipped_steps)
+            record.update(health)
+            if step % cfg.logging.interval == 0 or step in (run["step"] + 1, t.steps) or health:
+                tokens_per_s = log.throughput()
+                record.update(lr=lr, tokens_per_s=tokens_per_s, grad_norm=grad_norm)
+                record.update(monitor.throughput(tokens_per_s))
+            if "loss_spike_z" in record and ctx.is_logging_rank:
+                print(
+                    f"[health] loss spike at step {step}: {loss:.4f} is "
+                    f"{record['loss_spike_z']:.1f} std above the last steps' mean; data position "
+                    f"consumed_samples={consumed - run['global_batch']}..{consumed}",
+                    flush=True,
+                )
             last = step == t.steps
+            if too_many_bad:
+                summary["failed"] = bad_steps_message(cfg, step, consumed)
+                log.write(record)
+                if cfg.train.precision == "fp16":  # skipped steps left the weights intact
+                    summary["checkpoint"] = save_checkpoint(cfg, ctx, run, step)
+                break
             stopping = None if last else stop.reason(step)
             if (
                 valid_set is not None
@@ -266,6 +306,7 @@ def train(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
                 break
     finally:
         stop.restore_handlers()
+        log.close()
     elapsed = time.perf_counter() - start
     ran = step - run["step"]
     summary.update(

@@ -1,4 +1,5 @@
-"""Per-step metrics: printed on the logging rank and appended to <logging.dir>/metrics.jsonl."""
+"""Per-step metrics on the logging rank: the console, <logging.dir>/metrics.jsonl (one JSON
+record per step) and TensorBoard event files in <logging.dir>/tensorboard."""
 
 from __future__ import annotations
 
@@ -10,12 +11,22 @@ from typing import Any
 
 
 class MetricsLog:
-    def __init__(self, run_dir: str, enabled: bool, resume_step: int = 0) -> None:
+    def __init__(
+        self, run_dir: str, enabled: bool, resume_step: int = 0, tensorboard: bool = False
+    ) -> None:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(self._history(resume_step))
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                # purge_step drops events a crashed run wrote after the step resumed from.
+                self.tb = SummaryWriter(
+                    str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1
+                )
         self._last_time = time.perf_counter()
         self._tokens_since = 0
 
@@ -48,6 +59,15 @@ class MetricsLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float) and math.isfinite(value):
+                    self.tb.add_scalar(f"train/{key}", value, record["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
 
     def print_step(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -59,6 +79,14 @@ class MetricsLog:
             parts.append(f"grad_norm {record['grad_norm']:.3f}")
         if "tokens_per_s" in record:
             parts.append(f"tokens/s {record['tokens_per_s']:,.0f}")
+        if "tflops_per_device" in record:
+            parts.append(f"TFLOP/s/dev {record['tflops_per_device']:.3g}")
+        if "mfu" in record:
+            parts.append(f"MFU {100 * record['mfu']:.1f}%")
+        if "peak_memory_gb" in record:
+            parts.append(f"mem {record['peak_memory_gb']:.2f} GB")
+        if "skipped_steps" in record:
+            parts.append(f"skipped {record['skipped_steps']}")
         if "val_loss" in record:
             parts.append(
                 f"val_loss {record['val_loss']:.4f} val_ppl {math.exp(record['val_loss']):.2f}"

@@ -1,0 +1,152 @@
+"""Honest throughput figures and run health: FLOPs, MFU, peak memory, bad steps, loss spikes.
+
+Model FLOPs per trained token (forward + backward = 3 x forward; recomputation from activation
+checkpointing is not counted, so this is MFU and not hardware utilisation), for L layers,
+hidden h, query width h_q = heads x head_dim, key/value width h_kv = kv_heads x head_dim, MLP
+width f (with m = 3 matrices for SwiGLU, 2 for GELU), sequence s and padded vocabulary V:
+
+    forward per token = L * [ 2h(h_q + 2 h_kv)      q, k, v projections
+                            + 2 h_q h               attention output projection
+                            + 2 m h f               MLP
+                            + 4 s h_q ]             attention scores QK^T and weighted sum AV
+                      + 2 h V                       output head
+    training per token = 3 x forward
+
+The attention term counts the full s x s product (as Megatron-LM and PaLM's appendix do), not
+the causal half. MFU = achieved FLOP/s per device / the device's dense bf16 peak. Peaks are
+dense figures, never the 2:4 sparsity ones; a device not in the table reports TFLOP/s and no MFU
+rather than a wrong one.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+from collections import deque
+from typing import Any
+
+import torch
+
+from megatron_llm.model.config import ModelConfig
+
+# Dense bf16 tensor-core peak, TFLOP/s (vendor data sheets).
+PEAK_BF16_TFLOPS = {
+    "A100": 312.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,  # SXM
+    "H200": 989.0,
+}
+
+
+def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
+    """Model FLOPs to train on one token (see the module docstring for the formula)."""
+    h, s = cfg.hidden_size, cfg.seq_length
+    h_q, h_kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    m = 3 if cfg.activation == "swiglu" else 2
+    per_layer = 2 * h * (h_q + 2 * h_kv) + 2 * h_q * h + 2 * m * h * cfg.ffn_hidden_size
+    per_layer += 4 * s * h_q
+    return 3.0 * (cfg.num_layers * per_layer + 2 * h * vocab_size)
+
+
+def peak_tflops_for(device_name: str) -> float | None:
+    """Dense bf16 peak of a device by its CUDA name; None when not in the table."""
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):  # "H100 PCIe" before "H100"
+        if all(part in device_name for part in key.split()):
+            return PEAK_BF16_TFLOPS[key]
+    return None
+
+
+def device_peak_tflops() -> tuple[str, float | None]:
+    """(this process's device name, its dense bf16 peak TFLOP/s or None when unknown)."""
+    if not torch.cuda.is_available():
+        return "cpu", None
+    name = torch.cuda.get_device_name()
+    return name, peak_tflops_for(name)
+
+
+def peak_memory_gb() -> float:
+    """Peak memory of this rank: CUDA allocations on a GPU, else the process's peak RSS."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+class BadSteps:
+    """Counts consecutive steps whose loss or gradient norm is not finite (or that the fp16
+    loss scaler skipped); ``limit`` in a row means the run should stop."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_a_row = 0
+
+    def update(self, loss: float, grad_norm: float | None, skipped: bool) -> bool:
+        bad = (
+            skipped
+            or not math.isfinite(loss)
+            or (grad_norm is not None and not math.isfinite(grad_norm))
+        )
+        self.in_a_row = self.in_a_row + 1 if bad else 0
+        return bool(self.limit) and self.in_a_row >= self.limit
+
+
+class SpikeDetector:
+    """A loss more than ``z`` standard deviations above the mean of the last ``window`` steps."""
+
+    def __init__(self, window: int = 100, z: float = 6.0, min_history: int = 20) -> None:
+        self.window: deque[float] = deque(maxlen=window)
+        self.z = z
+        self.min_history = min_history
+
+    def update(self, loss: float) -> float | None:
+        """The z-score of ``loss`` if it is a spike, else None; spikes stay out of the window."""
+        if not math.isfinite(loss):
+            return None
+        if len(self.window) >= self.min_history:
+            mean = sum(self.window) / len(self.window)
+            std = math.sqrt(sum((x - mean) ** 2 for x in self.window) / len(self.window))
+            score = (loss - mean) / max(std, 1e-8)
+            if score > self.z:
+                return score
+        self.window.append(loss)
+        return None
+
+
+class StepMonitor:
+    """Per-step figures for the metrics record, and the health checks, on every rank alike."""
+
+    def __init__(self, cfg: Any, world_size: int, vocab_size: int, global_batch: int) -> None:
+        self.flops_per_token = flops_per_token(cfg.model, vocab_size)
+        self.device, self.peak = device_peak_tflops()
+        self.world_size = world_size
+        self.global_batch = global_batch
+        self.tokens_per_step = global_batch * cfg.model.seq_length
+        self.bad = BadSteps(cfg.train.max_bad_steps)
+        self.spikes = SpikeDetector(cfg.logging.spike_window, cfg.logging.spike_z)
+        self.spike_z = cfg.logging.spike_z
+        self.skipped = 0
+
+    def throughput(self, tokens_per_s: float) -> dict[str, Any]:
+        """samples/s, TFLOP/s per device, MFU (known devices only), peak memory."""
+        tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12
+        out: dict[str, Any] = {
+            "samples_per_s": tokens_per_s / self.tokens_per_step * self.global_batch,
+            "tflops_per_device": tflops,
+            "peak_memory_gb": peak_memory_gb(),
+        }
+        if self.peak is not None:
+            out["mfu"] = tflops / self.peak
+        return out
+
+    def check(
+        self, loss: float, grad_norm: float | None, skipped_steps: int
+    ) -> tuple[dict[str, Any], bool]:
+        """(fields to add to the record, whether too many bad steps came in a row)."""
+        skipped_now = skipped_steps > self.skipped
+        self.skipped = skipped_steps
+        fields: dict[str, Any] = {}
+        if skipped_now:
+            fields["skipped_steps"] = skipped_steps
+        z = self.spikes.update(loss) if self.spike_z else None
+        if z is not None:
+            fields["loss_spike_z"] = z
+        return fields, self.bad.update(loss, grad_norm, skipped_now)
