@@ -108,6 +108,8 @@ setup(
         "tqdm>=4.60",
         # .jsonl.zst / .txt.zst corpora in data_tools/preprocess.py.
         "zstandard>=0.22",
+        # Metrics curves (logging.tensorboard, on by default).
+        "tensorboard>=2.14",
     ],
     extras_require={
         # transformers: the Hugging Face export/import round trip and tokenizer.json tests.
