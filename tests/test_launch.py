@@ -65,9 +65,9 @@ def test_world_size_mismatch_fails_on_every_rank_with_factors():
     ],
 )
 def test_rank_order_tp_dp_pp(tp, pp, expected):
-    out = run_on_ranks(
-        4, _context_or_error, [f"parallel.tp={tp}", f"parallel.pp={pp}", "model.num_heads=4"]
-    )
+    # ZeRO 1: the stage pipelines run with (the layout alone is under test here).
+    layout = [f"parallel.tp={tp}", f"parallel.pp={pp}", "parallel.zero_stage=1"]
+    out = run_on_ranks(4, _context_or_error, [*layout, "model.num_heads=4"])
     assert out == expected
 
 
