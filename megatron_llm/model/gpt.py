@@ -4,6 +4,10 @@ Reads as a single-device model, top to bottom: norm, rotary embedding, attention
 model. Parallelism is applied from outside (megatron_llm.parallel.shard swaps the linear
 layers, the embedding, the norms and the loss for tensor-parallel ones); nothing here reads
 globals.
+
+Generation passes a ``KVCache`` through ``GPT.forward``: each attention layer appends the keys
+and values of the new tokens to its cache and attends to all of them, and positions (learned or
+RoPE) start at the cache's length. Without a cache the model is exactly the training model.
 """
 
 from __future__ import annotations
@@ -52,6 +56,49 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
 
 
+class LayerCache:
+    """One attention layer's keys and values for the positions decoded so far."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None  # (batch, kv_heads, length, head_dim)
+        self.values: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new tokens' keys and values; returns every position's."""
+        if self.keys is not None:
+            k = torch.cat([self.keys, k], dim=2)  # (batch, kv_heads, length + seq, head_dim)
+            v = torch.cat([self.values, v], dim=2)
+        self.keys, self.values = k, v
+        return k, v
+
+
+class KVCache:
+    """Every layer's keys and values, for decoding one token at a time (inference only).
+
+    ``length`` is the number of positions seen, so the next token's position."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.layers = [LayerCache() for _ in range(num_layers)]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+
+def attend_after_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention where the queries are the last q.shape[2] of k's positions: each sees
+    every cached position and the new ones up to itself (SDPA's is_causal aligns top-left)."""
+    q_len, k_len = q.shape[2], k.shape[2]
+    mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1]
+    )  # (batch, heads, q_len, head_dim)
+
+
 class Rotary(nn.Module):
     """RoPE tables for positions 0..seq_length-1 (rotate-half layout, as in Llama)."""
 
@@ -66,9 +113,11 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        seq = x.shape[-2]  # x: (batch, heads, seq, head_dim)
-        cos, sin = self.cos[:seq].to(x.dtype), self.sin[:seq].to(x.dtype)
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """x: (batch, heads, seq, head_dim) at positions start..start+seq-1."""
+        seq = x.shape[-2]
+        cos = self.cos[start : start + seq].to(x.dtype)
+        sin = self.sin[start : start + seq].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -89,15 +138,21 @@ class Attention(nn.Module):
         # Tensor parallelism splits the heads, so their dropout needs a per-rank RNG stream.
         self.dropout_rng = contextlib.nullcontext
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         # Head counts come from the shapes: under tensor parallelism a rank holds some heads.
         # (batch, seq, heads * head_dim) -> (batch, heads, seq, head_dim)
         q, k, v = (
             proj(x).unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
             for proj in (self.q, self.k, self.v)
         )
+        start = cache.length if cache is not None else 0
         if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
+            q, k = self.rotary(q, start), self.rotary(k, start)
+        if cache is not None:
+            k, v = cache.extend(k, v)  # (batch, kv_heads, start + seq, head_dim)
+            if start > 0:
+                y = attend_after_cache(q, k, v)
+                return self.out(y.transpose(1, 2).flatten(2))
         with self.dropout_rng():
             dropout = self.dropout if self.training else 0.0
             y = kernels.causal_attention(q, k, v, dropout, self.kernels)
@@ -133,8 +188,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x)))
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), cache))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -175,24 +230,35 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, std=self.cfg.init_std)
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         """tokens: (batch, seq). Returns the mean loss if labels, else logits (batch, seq, vocab);
-        under tensor parallelism each rank's logits are its slice of the vocabulary."""
+        under tensor parallelism each rank's logits are its slice of the vocabulary. With a
+        cache, tokens continue the cached positions and their keys/values join the cache."""
         seq = tokens.shape[1]
-        if seq > self.cfg.seq_length:
+        pos = cache.length if cache is not None else 0
+        if pos + seq > self.cfg.seq_length:
             raise ValueError(
-                f"sequence of {seq} tokens exceeds model.seq_length={self.cfg.seq_length}"
+                f"sequence of {pos + seq} tokens exceeds model.seq_length={self.cfg.seq_length}"
             )
         x = self.embed(tokens)  # (batch, seq, hidden)
         if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(seq, device=tokens.device))
+            x = x + self.pos_embed(torch.arange(pos, pos + seq, device=tokens.device))
         x = self.dropout(self.scatter_sequence(x))
-        k = self.checkpoint_every
-        for start in range(0, len(self.blocks), k or len(self.blocks)):
-            if k and self.training:  # keep only segment inputs; recompute the rest in backward
-                x = checkpoint(self._blocks, x, start, start + k, use_reentrant=False)
-            else:
-                x = self._blocks(x, start, start + (k or len(self.blocks)))
+        if cache is not None:  # decoding: each block reads and extends its own cache
+            for block, layer_cache in zip(self.blocks, cache.layers, strict=True):
+                x = block(x, layer_cache)
+        else:
+            k = self.checkpoint_every
+            for start in range(0, len(self.blocks), k or len(self.blocks)):
+                if k and self.training:  # keep segment inputs only; recompute the rest in backward
+                    x = checkpoint(self._blocks, x, start, start + k, use_reentrant=False)
+                else:
+                    x = self._blocks(x, start, start + (k or len(self.blocks)))
         x = self.final_norm(x)
         # (batch, seq, vocab); under tensor parallelism each rank holds a slice of the vocab
         logits = self.embed.attend(x) if self.head is None else self.head(x)
