@@ -44,10 +44,13 @@ def train_run(argv: list[str]) -> dict[str, Any]:
     cfg = load_config(None, argv)
     ctx = build_context(cfg.parallel)
     seen: list[str] = []
+    first: list[Any] = []
     real = loop.micro_batches
 
     def recording(*args: Any, **kwargs: Any) -> Any:
         for batch in real(*args, **kwargs):
+            if not seen:
+                first.append(batch.numpy().copy())
             seen.append(hashlib.sha256(batch.numpy().tobytes()).hexdigest()[:16])
             yield batch
 
@@ -57,6 +60,7 @@ def train_run(argv: list[str]) -> dict[str, Any]:
     finally:
         loop.micro_batches = real
     summary["batches"] = seen
+    summary["first_batch"] = first[0] if first else None
     summary["rank"] = ctx.rank
     return summary
 
@@ -115,3 +119,25 @@ def hf_round_trip(argv: list[str], work: str) -> dict[str, Any]:
 
 def hf_round_trips(runs: list[tuple[list[str], str]]) -> list[dict[str, Any]]:
     return [hf_round_trip(argv, work) for argv, work in runs]
+
+
+def finetune_from(pretrain: list[str], finetune: list[str]) -> dict[str, Any]:
+    """Pretrain, then fine-tune from its checkpoint; the checkpoint's loss on the fine-tuning
+    run's first batch, computed apart."""
+    import torch
+
+    from megatron_llm.checkpoint import io
+    from megatron_llm.checkpoint.state import load_weights
+    from megatron_llm.config import from_dict
+    from megatron_llm.data.sft import inputs_and_labels
+    from megatron_llm.model import GPT
+
+    pretrained = train_run(pretrain)
+    tuned = train_run(finetune)
+    ckpt = io.Checkpoint.open(pretrained["checkpoint"])
+    weights = ckpt.weights()
+    model = GPT(from_dict(ckpt.config()).model, weights["embed.weight"].shape[0])
+    load_weights(model, weights, "test")
+    with torch.no_grad():
+        loss = model(*inputs_and_labels(torch.from_numpy(tuned["first_batch"]))).item()
+    return {"tuned": tuned, "checkpoint_loss_on_first_batch": loss}

@@ -13,6 +13,10 @@ class CheckpointConfig:
     # auto: the newest valid checkpoint in `dir` if any, else start fresh; never: start fresh;
     # or a path to a checkpoint folder (or to another run's checkpoint dir) to start from.
     resume: str = "auto"
+    # Start a new run from this checkpoint's weights (a folder, or a checkpoint dir's newest):
+    # fresh optimizer, schedule and data position; for fine-tuning and continued pretraining.
+    # A checkpoint of this run in `dir` takes precedence, so a pre-empted fine-tune resumes.
+    init_from: str | None = None
     keep_last: int = 3  # keep the newest N checkpoints (0 = keep all)
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of K (0 = none)
 

@@ -215,14 +215,20 @@ def restore(
     tensors: dict[str, dict[str, torch.Tensor]],
     reseed: Callable[[int], None],
     names: dict[str, str] | None = None,
+    weights_only: bool = False,
 ) -> dict[str, Any]:
     """Put the engine where the checkpoint's run was; returns its run state.
 
     The weights are already in the model (``state.load_weights`` before the engine was built).
-    A weights-only checkpoint (``import-hf``) starts a fresh optimizer and schedule at step 0.
+    Weights only (``import-hf`` checkpoints, ``checkpoint.init_from``): a new run at step 0 with
+    a fresh optimizer, schedule and data position.
     """
+    if weights_only or not ckpt.has_optimizer:
+        restore_state(engine, ctx, {n: {"param": t["param"]} for n, t in tensors.items()}, 0, names)
+        reseed(0)
+        return {"step": 0, "consumed_samples": 0}
     run = ckpt.run_state()
-    step = run["step"] if ckpt.has_optimizer else 0
+    step = run["step"]
     restore_state(engine, ctx, tensors, run.get("optimizer_step", step) if step else 0, names)
     sched = engine.lr_scheduler
     if step and sched is not None:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from megatron_llm.data.sampler import micro_batches
+from megatron_llm.data.sft import inputs_and_labels
 from megatron_llm.parallel.groups import ParallelContext, mean_over_dp
 
 
@@ -32,7 +33,7 @@ def validation_loss(
     with torch.no_grad():
         for _ in range(iters):
             tokens = next(batches)
-            total += engine(tokens[:, :-1], tokens[:, 1:]).float()
+            total += engine(*inputs_and_labels(tokens)).float()
     engine.train()
     return mean_over_dp(total / iters, ctx)
 

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_llm.data.sft import IGNORE
 from megatron_llm.model.gpt import Embedding, Norm
 from megatron_llm.parallel.collectives import (
     copy_to_tp,
@@ -216,7 +217,9 @@ class VocabParallelLoss:
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         flat = logits.reshape(-1, logits.shape[-1])  # (batch * seq, vocab / tp)
+        labels = labels.reshape(-1)
+        keep = labels != IGNORE  # masked labels (fine-tuning prompts, padding) add nothing
         losses = VocabParallelCrossEntropy.apply(
-            flat, labels.reshape(-1), self.vocab_start, self.group
+            flat, labels.masked_fill(~keep, 0), self.vocab_start, self.group
         )
-        return losses.mean()
+        return (losses * keep).sum() / keep.sum().clamp(min=1)

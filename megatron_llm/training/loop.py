@@ -17,6 +17,7 @@ from megatron_llm.checkpoint.state import load_weights
 from megatron_llm.config import RunConfig
 from megatron_llm.data.dataset import build_datasets
 from megatron_llm.data.sampler import micro_batches
+from megatron_llm.data.sft import inputs_and_labels, split_datasets
 from megatron_llm.data.tokenizer import Tokenizer
 from megatron_llm.eval.perplexity import perplexity, validation_loss
 from megatron_llm.model import GPT
@@ -72,7 +73,7 @@ def train_step(
     measured = None
     for _ in range(accum):
         tokens = next(batches)  # (micro_batch, seq + 1)
-        loss = engine(tokens[:, :-1], tokens[:, 1:])
+        loss = engine(*inputs_and_labels(tokens))
         engine.backward(loss)
         if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
             measured = local_grad_norm(engine, tp_group)  # before step() clips and clears them
@@ -85,7 +86,7 @@ def train_step(
 def pipeline_pairs(batches: Iterator[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(inputs, labels) micro-batches, as DeepSpeed's pipeline engine reads them."""
     for tokens in batches:  # (micro_batch, seq + 1)
-        yield tokens[:, :-1], tokens[:, 1:]
+        yield inputs_and_labels(tokens)
 
 
 def reseeder(cfg: RunConfig, ctx: ParallelContext, model: torch.nn.Module) -> Callable[[int], None]:
@@ -109,11 +110,15 @@ def build(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
     seed_everything(cfg.train.seed)  # the same init on every rank
     tokenizer = Tokenizer(cfg.data.tokenizer)
     ckpt = ckpt_run.choose(cfg.checkpoint.resume, cfg.checkpoint.dir, ctx)
-    if ckpt is not None:
+    weights_only = ckpt is not None and not ckpt.has_optimizer  # e.g. from import-hf
+    if ckpt is None and cfg.checkpoint.init_from:
+        # A new run (fine-tuning, continued pretraining) from another run's weights.
+        ckpt, weights_only = ckpt_run.choose(cfg.checkpoint.init_from, "", ctx), True
+    if ckpt is not None and not weights_only:
         ckpt_run.check_compatible(ckpt, cfg.to_dict(), tokenizer.sha256)
     model = GPT(cfg.model, cfg.model.padded_vocab_size(tokenizer.vocab_size, ctx.tp))
     parameters = model.num_parameters()  # the whole model, before this rank keeps its shard
-    tensors = ckpt.tensors(optimizer=ckpt.has_optimizer) if ckpt else None
+    tensors = ckpt.tensors(optimizer=not weights_only) if ckpt else None
     if tensors is not None:
         load_weights(model, {n: t["param"] for n, t in tensors.items()}, str(ckpt.path))
     model = shard_model(
@@ -127,29 +132,39 @@ def build(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
     run_state: dict[str, Any] = {"step": 0, "consumed_samples": 0}
     if ckpt is not None:
         run_state = ckpt_run.restore(
-            engine, model, ctx, ckpt, tensors, reseeder(cfg, ctx, model), names
+            engine, model, ctx, ckpt, tensors, reseeder(cfg, ctx, model), names, weights_only
         )
         if ctx.is_logging_rank:
-            print(f"[checkpoint] resumed from {ckpt.path} at step {run_state['step']}", flush=True)
+            how = "weights of" if weights_only else "resumed from"
+            print(f"[checkpoint] {how} {ckpt.path} at step {run_state['step']}", flush=True)
     else:
         reseeder(cfg, ctx, model)(0)
     del tensors
     t = cfg.train
     global_batch = t.check_global_batch(ctx.dp)
-    step = run_state["step"] if ckpt and ckpt.has_optimizer else 0
+    step = run_state["step"]
     consumed = run_state["consumed_samples"] if step else 0
     # The dataset's shuffle depends on how many samples it is built for: a resumed run keeps the
     # count of the run it continues, so the samples it sees are the ones that run would have.
     needed = consumed + (t.steps - step) * global_batch
     train_samples = max(needed, run_state.get("train_samples", 0) if step else 0)
-    train_set, valid_set = build_datasets(
-        cfg.data,
-        seq_length=cfg.model.seq_length,
-        seed=t.seed,
-        train_samples=train_samples,
-        valid_samples=cfg.eval.iters * t.micro_batch_size * ctx.dp,
-        tokenizer=tokenizer,
-    )
+    if cfg.data.prompt_response_jsonl:
+        train_set, valid_set = split_datasets(
+            cfg.data.prompt_response_jsonl,
+            tokenizer,
+            cfg.model.seq_length,
+            mask_prompt=cfg.data.mask_prompt,
+            split=cfg.data.split,
+        )
+    else:
+        train_set, valid_set = build_datasets(
+            cfg.data,
+            seq_length=cfg.model.seq_length,
+            seed=t.seed,
+            train_samples=train_samples,
+            valid_samples=cfg.eval.iters * t.micro_batch_size * ctx.dp,
+            tokenizer=tokenizer,
+        )
     return dict(
         engine=engine,
         model=model,
