@@ -137,6 +137,12 @@ class StepMonitor:
             out["mfu"] = tflops / self.peak
         return out
 
+    def spike_message(self, step: int, loss: float, z: float, consumed: int) -> str:
+        return (
+            f"[health] loss spike at step {step}: {loss:.4f} is {z:.1f} std above the last "
+            f"steps' mean; its data: consumed_samples {consumed - self.global_batch}..{consumed}"
+        )
+
     def check(
         self, loss: float, grad_norm: float | None, skipped_steps: int
     ) -> tuple[dict[str, Any], bool]:

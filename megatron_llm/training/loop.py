@@ -174,7 +174,6 @@ def build(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
         step=step,
         consumed=consumed,
         train_samples=train_samples,
-        skipped_steps=run_state.get("skipped_steps", 0) if step else 0,
         train_set=train_set,
         valid_set=valid_set,
         global_batch=global_batch,
@@ -205,6 +204,15 @@ def save_checkpoint(cfg: RunConfig, ctx: ParallelContext, run: dict[str, Any], s
         names=run["names"],
     )
     return str(path)
+
+
+def eval_due(cfg: RunConfig, step: int, last: bool) -> bool:
+    return bool((cfg.eval.interval and step % cfg.eval.interval == 0) or (last and cfg.eval.at_end))
+
+
+def save_due(cfg: RunConfig, step: int, last: bool) -> bool:
+    c = cfg.checkpoint
+    return bool((c.save_interval and step % c.save_interval == 0) or (last and c.save_at_end))
 
 
 def bad_steps_message(cfg: RunConfig, step: int, consumed: int) -> str:
@@ -275,10 +283,7 @@ def train(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
                 record.update(monitor.throughput(tokens_per_s))
             if "loss_spike_z" in record and ctx.is_logging_rank:
                 print(
-                    f"[health] loss spike at step {step}: {loss:.4f} is "
-                    f"{record['loss_spike_z']:.1f} std above the last steps' mean; data position "
-                    f"consumed_samples={consumed - run['global_batch']}..{consumed}",
-                    flush=True,
+                    monitor.spike_message(step, loss, record["loss_spike_z"], consumed), flush=True
                 )
             last = step == t.steps
             if too_many_bad:
@@ -288,14 +293,7 @@ def train(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
                     summary["checkpoint"] = save_checkpoint(cfg, ctx, run, step)
                 break
             stopping = None if last else stop.reason(step)
-            if (
-                valid_set is not None
-                and not stopping
-                and (
-                    (cfg.eval.interval and step % cfg.eval.interval == 0)
-                    or (last and cfg.eval.at_end)
-                )
-            ):
+            if valid_set is not None and not stopping and eval_due(cfg, step, last):
                 record["val_loss"] = validation_loss(
                     engine,
                     valid_set,
@@ -307,12 +305,7 @@ def train(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
             if "lr" in record or "val_loss" in record:
                 log.print_step(record)
             log.write(record)
-            c = cfg.checkpoint
-            if (
-                stopping
-                or (c.save_interval and step % c.save_interval == 0)
-                or (last and c.save_at_end)
-            ):
+            if stopping or save_due(cfg, step, last):
                 summary["checkpoint"] = save_checkpoint(cfg, ctx, run, step)
             if stopping:
                 summary["stopped"] = stopping
