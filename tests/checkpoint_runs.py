@@ -9,13 +9,10 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from tests.parallel_runs import TINY_MODEL
+
 TINY = [
-    "model.num_layers=2",
-    "model.hidden_size=32",
-    "model.num_heads=4",
-    "model.seq_length=16",
-    "optim.warmup_steps=2",
-    "optim.lr=1e-2",
+    *TINY_MODEL,
     "train.seed=7",
     "eval.at_end=false",
     "logging.interval=1",

@@ -10,15 +10,16 @@ from typing import Any
 
 import torch
 
-BASE = [
+# The tiny model and schedule every multi-rank test trains (also tests/checkpoint_runs.py).
+TINY_MODEL = [
     "model.num_layers=2",
     "model.hidden_size=32",
     "model.num_heads=4",
     "model.seq_length=16",
     "optim.warmup_steps=2",
     "optim.lr=1e-2",
-    "train.steps=20",
 ]
+BASE = [*TINY_MODEL, "train.steps=20"]
 STYLES = {
     "gpt2": ["model.style=gpt2"],  # learned positions, tied head, LayerNorm, biases
     "llama": ["model.style=llama", "model.num_kv_heads=2"],  # RoPE, GQA, untied, RMSNorm
