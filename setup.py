@@ -114,7 +114,16 @@ setup(
     extras_require={
         # transformers: the Hugging Face export/import round trip and tokenizer.json tests.
         # mpi4py + mpich: the mpiexec launch test (mpich's wheel brings mpiexec into the venv).
-        "test": ["pytest>=8", "ruff>=0.6", "transformers>=4.45", "mpi4py>=4", "mpich>=4"],
+        "test": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "transformers>=4.45",
+            "mpi4py>=4",
+            "mpich>=4",
+            "matplotlib>=3.7",
+        ],
+        # python -m megatron_llm.plot
+        "plot": ["matplotlib>=3.7"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
