@@ -29,20 +29,6 @@ from megatron_llm.config import ConfigError, from_dict, load_config
 from megatron_llm.config import _apply_override as apply_override
 
 
-def resolve(path: str, step: int | None) -> io.Checkpoint:
-    """The checkpoint a CLI argument names."""
-    p = Path(path)
-    if step is not None:
-        p = p / io.tag_for(step)
-    elif not (p / "manifest.json").exists():
-        latest = io.read_latest(p)
-        found = [c for c in io.candidates(p) if c.name == latest] or io.candidates(p)
-        if not found:
-            raise io.CheckpointError(f"{path}: no checkpoint folder there")
-        p = found[0]
-    return io.Checkpoint.open(p)
-
-
 def cmd_list(args: argparse.Namespace) -> int:
     rows = []
     for path in sorted(io.candidates(args.dir), key=lambda c: io.step_of(c) or 0):
@@ -71,7 +57,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    ckpt = resolve(args.path, args.step)
+    ckpt = io.resolve(args.path, args.step)
     problems = ckpt.problems(checksums=True)
     for p in problems:
         print(f"FAIL {p}")
@@ -88,7 +74,7 @@ def _run_config(ckpt: io.Checkpoint) -> Any:
 def cmd_export(args: argparse.Namespace) -> int:
     import transformers
 
-    ckpt = resolve(args.path, args.step)
+    ckpt = io.resolve(args.path, args.step)
     cfg = _run_config(ckpt)
     weights = ckpt.weights()
     vocab = weights["embed.weight"].shape[0]

@@ -276,6 +276,21 @@ def candidates(root: str | Path) -> list[Path]:
     return first + [p for p in found if p.name != latest]
 
 
+def resolve(path: str | Path, step: int | None = None) -> Checkpoint:
+    """The checkpoint a command-line argument names: a checkpoint folder, or a checkpoint dir
+    (its ``latest``, else its newest folder; or ``global_step<step>`` when a step is given)."""
+    p = Path(path)
+    if step is not None:
+        p = p / tag_for(step)
+    elif not (p / "manifest.json").exists():
+        latest = read_latest(p)
+        found = [c for c in candidates(p) if c.name == latest] or candidates(p)
+        if not found:
+            raise CheckpointError(f"{path}: no checkpoint folder there")
+        p = found[0]
+    return Checkpoint.open(p)
+
+
 def describe(ckpt: Checkpoint) -> dict[str, Any]:
     """One line of ``list``: step, tokens, layout, size."""
     run = ckpt.run_state()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_llm.checkpoint.__main__ import resolve
+from megatron_llm.checkpoint import io
 from megatron_llm.checkpoint.state import load_weights
 from megatron_llm.config import RunConfig, from_dict
 from megatron_llm.model import GPT
@@ -22,7 +22,7 @@ class LoadedModel:
 
 def load_model(path: str, step: int | None = None, device: str = "cpu") -> LoadedModel:
     """path: a checkpoint folder, or a checkpoint dir (its latest, or ``step``)."""
-    ckpt = resolve(path, step)
+    ckpt = io.resolve(path, step)
     cfg = from_dict(ckpt.config(), source=str(ckpt.path / "config.yaml"))
     weights = ckpt.weights()
     # The embedding rows are the padded vocabulary the run trained with.
