@@ -153,24 +153,15 @@ def write_weights_only(root: Path, weights: dict[str, torch.Tensor], config: dic
     run_state = {"step": 0, "consumed_samples": 0, "tokens_seen": 0}
     writer.text("run_state.json", json.dumps(run_state, indent=2) + "\n")
     writer.text("config.yaml", yaml.safe_dump(config, sort_keys=False))
-    files = writer.entries()
-    manifest = {
-        "format": io.FORMAT,
-        "version": io.VERSION,
-        "step": 0,
-        "saved_at": None,
-        "layout": {"tp": 1, "pp": 1, "dp": 1, "world_size": 1, "zero": 0},
-        "optimizer": False,
-        "tensors": {
-            n: {"file": "model-00000.pt", "shape": list(t.shape)}
-            for n, t in sorted(weights.items())
-        },
-        "files": dict(sorted(files.items())),
-    }
-    manifest_writer = io.FolderWriter(tmp)
-    manifest_writer.text("manifest.json", json.dumps(manifest, indent=1) + "\n")
-    manifest_writer.entries()
-    return io.publish(tmp, root, 0)
+    return io.finish(
+        tmp,
+        root,
+        step=0,
+        layout={"tp": 1, "pp": 1, "dp": 1, "world_size": 1, "zero": 0},
+        optimizer=False,
+        tensors={n: {"file": "model-00000.pt", "shape": list(t.shape)} for n, t in weights.items()},
+        files=writer.entries(),
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

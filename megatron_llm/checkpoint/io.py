@@ -136,6 +136,34 @@ def new_tmp_dir(root: Path, step: int) -> Path:
     return tmp
 
 
+def finish(
+    tmp: Path,
+    root: Path,
+    *,
+    step: int,
+    layout: dict[str, int],
+    optimizer: bool,
+    tensors: dict[str, Any],
+    files: dict[str, Any],
+) -> Path:
+    """Write the manifest of a complete temporary folder, then :func:`publish` it."""
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": step,
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "layout": layout,
+        "optimizer": optimizer,
+        "tensors": dict(sorted(tensors.items())),
+        "files": dict(sorted(files.items())),
+    }
+    with open(tmp / "manifest.json", "w") as f:
+        f.write(json.dumps(manifest, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return publish(tmp, root, step)
+
+
 def publish(tmp: Path, root: Path, step: int) -> Path:
     """Rename a complete temporary folder into place, then move ``latest`` to it."""
     fsync_dir(tmp)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -93,20 +92,15 @@ def save(
         for part_files, part_index in pieces:
             files.update(part_files)
             index.update(part_index)
-        manifest = {
-            "format": io.FORMAT,
-            "version": io.VERSION,
-            "step": step,
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "layout": _layout(ctx, engine.zero_optimization_stage()),
-            "optimizer": True,
-            "tensors": dict(sorted(index.items())),
-            "files": dict(sorted(files.items())),
-        }
-        manifest_writer = io.FolderWriter(tmp)
-        manifest_writer.text("manifest.json", json.dumps(manifest, indent=1) + "\n")
-        manifest_writer.entries()
-        final = io.publish(tmp, root_path, step)
+        final = io.finish(
+            tmp,
+            root_path,
+            step=step,
+            layout=_layout(ctx, engine.zero_optimization_stage()),
+            optimizer=True,
+            tensors=index,
+            files=files,
+        )
         io.prune(root_path, keep_last=keep_last, keep_every=keep_every)
     return Path(_broadcast(str(final) if final else None))
 
