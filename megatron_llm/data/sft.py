@@ -11,6 +11,7 @@ negative ids, so for them it is the usual shift by one.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -26,6 +27,14 @@ def inputs_and_labels(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     ids = torch.where(masked, -tokens - 1, tokens)
     labels = ids[:, 1:].masked_fill(masked[:, 1:], IGNORE)
     return ids[:, :-1], labels
+
+
+def input_label_pairs(
+    batches: Iterator[torch.Tensor],
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, labels) micro-batches, as DeepSpeed's pipeline engine reads them."""
+    for tokens in batches:  # (micro_batch, seq + 1)
+        yield inputs_and_labels(tokens)
 
 
 class PromptResponseDataset:

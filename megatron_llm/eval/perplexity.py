@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from megatron_llm.data.sampler import micro_batches
-from megatron_llm.data.sft import inputs_and_labels
+from megatron_llm.data.sft import input_label_pairs, inputs_and_labels
 from megatron_llm.parallel.groups import ParallelContext, mean_over_dp
 
 
@@ -24,9 +24,7 @@ def validation_loss(
         dp_size=ctx.dp,
     )
     if hasattr(engine, "eval_batch"):  # a pipeline engine: the schedule runs the stages
-        from megatron_llm.training.loop import pipeline_pairs
-
-        loss = engine.eval_batch(pipeline_pairs(batches), num_micro_batches=iters)
+        loss = engine.eval_batch(input_label_pairs(batches), num_micro_batches=iters)
         return mean_over_dp(loss.detach().float(), ctx)
     engine.eval()
     total = torch.zeros(())

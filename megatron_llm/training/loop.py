@@ -17,7 +17,7 @@ from megatron_llm.checkpoint.state import load_weights
 from megatron_llm.config import RunConfig
 from megatron_llm.data.dataset import build_datasets
 from megatron_llm.data.sampler import micro_batches
-from megatron_llm.data.sft import inputs_and_labels, split_datasets
+from megatron_llm.data.sft import input_label_pairs, inputs_and_labels, split_datasets
 from megatron_llm.data.tokenizer import Tokenizer
 from megatron_llm.eval.perplexity import perplexity, validation_loss
 from megatron_llm.model import GPT
@@ -66,7 +66,7 @@ def train_step(
     if isinstance(engine, PipelineEngine):
         # The 1F1B schedule runs the accum micro-batches through the stages; the loss comes
         # back averaged over micro-batches and data-parallel ranks, on every stage.
-        loss = engine.train_batch(pipeline_pairs(batches))
+        loss = engine.train_batch(input_label_pairs(batches))
         norm = engine.get_global_grad_norm()
         return loss.detach().float(), None if norm is None else float(norm)
     total = torch.zeros(())
@@ -81,12 +81,6 @@ def train_step(
         total += loss.detach().float()
     norm = engine.get_global_grad_norm()
     return total / accum, measured if norm is None else float(norm)
-
-
-def pipeline_pairs(batches: Iterator[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(inputs, labels) micro-batches, as DeepSpeed's pipeline engine reads them."""
-    for tokens in batches:  # (micro_batch, seq + 1)
-        yield inputs_and_labels(tokens)
 
 
 def reseeder(cfg: RunConfig, ctx: ParallelContext, model: torch.nn.Module) -> Callable[[int], None]:
