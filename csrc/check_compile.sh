@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Compile check of csrc/ for machines without a GPU (CI): `nvcc -c` of every csrc/*.cu for sm_80
-# and sm_90 with the flags torch's extension build adds, warnings as errors; and bindings.cpp
+# Compile check of csrc/ for machines without a GPU (CI): `nvcc -c` of every csrc/*.cu and of the
+# emulator's csrc/emulator/faults.cu for sm_80 and sm_90 with the flags torch's extension build
+# adds, warnings as errors; and bindings.cpp
 # against the headers of the torch that PYTHON imports (a CPU wheel will do). Objects go to a
 # temporary directory and are deleted. Fails if nvcc is missing: set NVCC=/path/to/nvcc.
 #
@@ -33,7 +34,7 @@ echo "csrc: $("$nvcc" --version | tail -1)"
 start=$SECONDS
 pids=()
 names=()
-for src in "$here"/*.cu; do
+for src in "$here"/*.cu "$here"/emulator/*.cu; do
     name="$(basename "$src")"
     "$nvcc" "${cu_flags[@]}" -c "$src" -o "$out/$name.o" >"$out/$name.log" 2>&1 &
     pids+=($!)

@@ -7,6 +7,7 @@ follows the kernels' algorithm (saved statistics, log-sum-exp, delta, group sums
 formulas in the .cu files are checked here too.
 GPU tier (marked gpu, skipped without CUDA and the built extension): parity of every kernel with
 the reference, forward and all gradients, over dtypes and shapes.
+The kernels' own code also runs on CPU, in an emulator: tests/test_kernel_emulator.py.
 """
 
 from __future__ import annotations

@@ -1,0 +1,352 @@
+// The emulator's scheduler: fibers for CUDA threads (see emu.h). Fibers are started with
+// makecontext / swapcontext and switched with _setjmp / _longjmp, which skips the signal-mask
+// system call swapcontext makes at every switch.
+
+#include <setjmp.h>
+#include <ucontext.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "emu.h"
+
+uint3 threadIdx{0, 0, 0};
+uint3 blockIdx{0, 0, 0};
+dim3 blockDim;
+dim3 gridDim;
+
+// The bounds of the emu_shared section (every __shared__ variable), from the linker. Weak: a
+// library without shared memory has no such section.
+extern "C" char __start_emu_shared[] __attribute__((weak));
+extern "C" char __stop_emu_shared[] __attribute__((weak));
+
+namespace {
+
+cudaError_t last_error = cudaSuccess;
+
+enum class State { kRunnable, kBarrier, kShuffle, kDone };
+
+const char* state_name(State s) {
+  switch (s) {
+    case State::kRunnable:
+      return "running";
+    case State::kBarrier:
+      return "__syncthreads";
+    case State::kShuffle:
+      return "a warp shuffle";
+    case State::kDone:
+      return "returned";
+  }
+  return "?";
+}
+
+constexpr size_t kStackBytes = 256 * 1024;
+
+struct Fiber {
+  ucontext_t context;
+  jmp_buf resume;
+  bool started = false;
+  State state = State::kRunnable;
+  uint3 index{0, 0, 0};
+  // the pending shuffle
+  unsigned mask = 0;
+  uint64_t bits = 0;
+  int src_lane = 0;
+  const char* op = nullptr;
+  uint64_t result = 0;
+  const void* barrier_site = nullptr;  // the __syncthreads call it waits at
+  std::unique_ptr<char[]> stack;
+};
+
+struct Block {
+  std::vector<Fiber> fibers;
+  size_t fibers_in_use = 0;  // the block's threads: fibers[0, fibers_in_use)
+  const std::function<void()>* body = nullptr;
+  Fiber* current = nullptr;
+  jmp_buf scheduler;
+  std::string fault;  // set by a fiber whose body threw
+};
+
+Block block;
+unsigned schedule = 0;
+bool warps_apart = false;
+
+// Leaves the current fiber for the scheduler; returns when the scheduler resumes it.
+void yield() {
+  Fiber* self = block.current;
+  if (!_setjmp(self->resume)) _longjmp(block.scheduler, 1);
+}
+
+void fiber_main() {
+  Fiber* self = block.current;
+  try {
+    (*block.body)();
+  } catch (const std::exception& e) {
+    if (block.fault.empty()) block.fault = e.what();
+  } catch (...) {
+    if (block.fault.empty()) block.fault = "unknown exception";
+  }
+  self->state = State::kDone;
+  _longjmp(block.scheduler, 1);
+}
+
+void resume(Fiber& f) {
+  block.current = &f;
+  threadIdx = f.index;
+  if (_setjmp(block.scheduler)) return;  // the fiber yielded or finished
+  if (!f.started) {
+    f.started = true;
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = f.stack.get();
+    f.context.uc_stack.ss_size = kStackBytes;
+    f.context.uc_link = nullptr;
+    makecontext(&f.context, fiber_main, 0);
+    ucontext_t here;
+    swapcontext(&here, &f.context);  // never returns here: the fiber longjmps to scheduler
+    std::abort();
+  }
+  _longjmp(f.resume, 1);
+}
+
+std::string where(const dim3& b) {
+  return "block (" + std::to_string(b.x) + "," + std::to_string(b.y) + "," + std::to_string(b.z) +
+         ")";
+}
+
+std::string thread_name(const Fiber& f) {
+  return "thread (" + std::to_string(f.index.x) + "," + std::to_string(f.index.y) + "," +
+         std::to_string(f.index.z) + ")";
+}
+
+std::vector<unsigned> order(unsigned n, unsigned salt) {
+  std::vector<unsigned> idx(n);
+  std::iota(idx.begin(), idx.end(), 0u);
+  if (schedule == 1) {
+    std::reverse(idx.begin(), idx.end());
+  } else if (schedule > 1) {
+    std::mt19937 rng(schedule * 2654435761u + salt);
+    std::shuffle(idx.begin(), idx.end(), rng);
+  }
+  return idx;
+}
+
+std::string hex(unsigned v) {
+  char buf[16];
+  std::snprintf(buf, sizeof buf, "0x%08x", v);
+  return buf;
+}
+
+// Completes the shuffle of warp `w` if every live thread of it waits at one; true if it did.
+bool complete_shuffle(const dim3& b, size_t w) {
+  const size_t first = w * 32;
+  const size_t end = std::min(block.fibers_in_use, first + 32);
+  unsigned live = 0;  // lanes that have not returned
+  bool some_waiting = false;
+  for (size_t t = first; t < end; ++t) {
+    const Fiber& f = block.fibers[t];
+    if (f.state == State::kDone) continue;
+    live |= 1u << (t - first);
+    if (f.state != State::kShuffle) return false;
+    some_waiting = true;
+  }
+  if (!some_waiting) return false;
+  for (size_t t = first; t < end; ++t) {
+    Fiber& f = block.fibers[t];
+    if (f.state != State::kShuffle) continue;
+    const int lane = static_cast<int>(t - first);
+    if ((f.mask & live) != f.mask || !(f.mask & (1u << lane))) {
+      throw std::runtime_error("emulator: " + where(b) + " " + thread_name(f) + ": " + f.op +
+                               " with mask " + hex(f.mask) +
+                               " names lanes that have returned, do not exist or are not the "
+                               "caller (live lanes " + hex(live) + ")");
+    }
+    if (f.src_lane < 0 || f.src_lane >= 32 || !(f.mask & (1u << f.src_lane))) {
+      throw std::runtime_error("emulator: " + where(b) + " " + thread_name(f) + ": " + f.op +
+                               " reads lane " + std::to_string(f.src_lane) +
+                               ", which is not in its mask");
+    }
+    const Fiber& src = block.fibers[first + f.src_lane];
+    if (src.mask != f.mask) {
+      throw std::runtime_error("emulator: " + where(b) + " lanes " + std::to_string(lane) +
+                               " and " + std::to_string(f.src_lane) +
+                               " shuffle with different masks");
+    }
+    f.result = src.bits;
+  }
+  for (size_t t = first; t < end; ++t) {
+    if (block.fibers[t].state == State::kShuffle) block.fibers[t].state = State::kRunnable;
+  }
+  return true;
+}
+
+// Every thread of the block must reach the same __syncthreads: one that waits at another call,
+// or one that has returned, makes a barrier CUDA leaves undefined.
+void check_barrier(const dim3& b, unsigned threads, unsigned live) {
+  const Fiber* first = nullptr;
+  for (unsigned t = 0; t < threads; ++t) {
+    const Fiber& f = block.fibers[t];
+    if (f.state != State::kBarrier) continue;
+    if (first == nullptr) {
+      first = &f;
+    } else if (f.barrier_site != first->barrier_site) {
+      throw std::runtime_error("emulator: " + where(b) + ": " + thread_name(*first) + " and " +
+                               thread_name(f) + " wait at different __syncthreads calls");
+    }
+  }
+  if (live != threads) {
+    for (unsigned t = 0; t < threads; ++t) {
+      if (block.fibers[t].state == State::kDone) {
+        throw std::runtime_error("emulator: " + where(b) + ": " + thread_name(*first) +
+                                 " waits at __syncthreads after " +
+                                 thread_name(block.fibers[t]) + " returned");
+      }
+    }
+  }
+}
+
+void run_block(const dim3& b, unsigned threads, unsigned salt) {
+  if (__start_emu_shared != nullptr) {
+    std::memset(__start_emu_shared, 0xff, __stop_emu_shared - __start_emu_shared);
+  }
+  block.fibers_in_use = threads;
+  for (unsigned t = 0; t < threads; ++t) {
+    Fiber& f = block.fibers[t];
+    f.started = false;
+    f.state = State::kRunnable;
+    f.index = {t % blockDim.x, (t / blockDim.x) % blockDim.y, t / (blockDim.x * blockDim.y)};
+  }
+  const unsigned warps = (threads + 31) / 32;
+  const std::vector<unsigned> warp_turns = order(warps, salt);
+  const std::vector<unsigned> lane_turns = order(32, salt + 1);
+  for (;;) {
+    for (unsigned w : warp_turns) {
+      do {
+        for (unsigned lane : lane_turns) {
+          const unsigned t = w * 32 + lane;
+          if (t < threads && block.fibers[t].state == State::kRunnable) resume(block.fibers[t]);
+          if (!block.fault.empty()) {
+            throw std::runtime_error("emulator: " + where(b) + ": a thread threw: " + block.fault);
+          }
+        }
+      } while (warps_apart && complete_shuffle(b, w));  // on to this warp's next barrier
+    }
+    unsigned live = 0;
+    unsigned at_barrier = 0;
+    for (unsigned t = 0; t < threads; ++t) {
+      const State s = block.fibers[t].state;
+      live += s != State::kDone;
+      at_barrier += s == State::kBarrier;
+    }
+    if (live == 0) return;
+    bool shuffled = false;
+    for (unsigned w = 0; w < warps; ++w) shuffled |= complete_shuffle(b, w);
+    if (shuffled) continue;
+    if (at_barrier == live) {
+      check_barrier(b, threads, live);
+      for (unsigned t = 0; t < threads; ++t) {
+        if (block.fibers[t].state == State::kBarrier) block.fibers[t].state = State::kRunnable;
+      }
+      continue;
+    }
+    // Nothing can move: say who waits where.
+    std::string msg = "emulator: " + where(b) + ": threads wait where the others cannot follow:";
+    int shown = 0;
+    for (unsigned t = 0; t < threads && shown < 8; ++t) {
+      const Fiber& f = block.fibers[t];
+      if (t == 0 || f.state != block.fibers[t - 1].state) {
+        msg += " " + thread_name(f) + " at " + state_name(f.state) + ";";
+        ++shown;
+      }
+    }
+    throw std::runtime_error(msg);
+  }
+}
+
+}  // namespace
+
+cudaError_t cudaGetLastError() {
+  const cudaError_t e = last_error;
+  last_error = cudaSuccess;
+  return e;
+}
+
+cudaError_t cudaPeekAtLastError() { return last_error; }
+
+const char* cudaGetErrorString(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess:
+      return "no error";
+    case cudaErrorInvalidValue:
+      return "invalid argument";
+    case cudaErrorInvalidConfiguration:
+      return "invalid configuration argument";
+    case cudaErrorLaunchFailure:
+      return "unspecified launch failure";
+  }
+  return "unknown error";
+}
+
+__attribute__((noinline)) void __syncthreads() {
+  Fiber* self = block.current;
+  self->state = State::kBarrier;
+  self->barrier_site = __builtin_return_address(0);
+  yield();
+}
+
+namespace emu {
+
+void set_schedule(unsigned order, bool apart) {
+  schedule = order;
+  warps_apart = apart;
+}
+
+uint64_t shuffle(unsigned mask, uint64_t bits, int src_lane, const char* op) {
+  Fiber* self = block.current;
+  self->state = State::kShuffle;
+  self->mask = mask;
+  self->bits = bits;
+  self->src_lane = src_lane;
+  self->op = op;
+  yield();
+  return self->result;
+}
+
+void run_grid(dim3 grid, dim3 blk, const std::function<void()>& body) {
+  const uint64_t threads = static_cast<uint64_t>(blk.x) * blk.y * blk.z;
+  // The limits of every GPU since sm_30.
+  if (threads == 0 || threads > 1024 || blk.z > 64 || grid.x == 0 || grid.y == 0 ||
+      grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535) {
+    last_error = cudaErrorInvalidConfiguration;
+    return;
+  }
+  blockDim = blk;
+  gridDim = grid;
+  if (block.fibers.size() < threads) {
+    block.fibers.resize(threads);
+  }
+  for (auto& f : block.fibers) {
+    if (!f.stack) f.stack.reset(new char[kStackBytes]);
+  }
+  block.body = &body;
+  block.fault.clear();
+  const uint64_t blocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
+  if (blocks > (1u << 24)) {
+    throw std::runtime_error("emulator: grid of " + std::to_string(blocks) +
+                             " blocks is too large to emulate");
+  }
+  const std::vector<unsigned> turns = order(static_cast<unsigned>(blocks), 0x9e3779b9u);
+  for (unsigned i : turns) {
+    const dim3 b(i % grid.x, (i / grid.x) % grid.y, i / (grid.x * grid.y));
+    blockIdx = {b.x, b.y, b.z};
+    run_block(b, static_cast<unsigned>(threads), i);
+  }
+}
+
+}  // namespace emu

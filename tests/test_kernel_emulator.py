@@ -1,0 +1,306 @@
+"""The CUDA kernels of csrc/ themselves, run on the CPU by the emulator (csrc/emulator/, built and
+wrapped by tests/kernel_emulator.py), so that CI checks the kernels' code and not only a double
+of it:
+
+- parity of every kernel with its PyTorch reference, forward and all gradients, through the
+  autograd Functions of megatron_llm.kernels.fused, over dtypes and odd shapes;
+- no races: each result is the same, bit for bit, whatever order the threads run in;
+- nothing read or written out of bounds and every output element written (the emulated
+  extension's NaN guards);
+- a model with the kernels matches the plain-PyTorch model;
+- and the emulator's own checks, each shown to catch the fault it is for (csrc/emulator/
+  faults.cu), since a passing verdict from a checker that cannot fail would mean nothing.
+
+Speed and the GPU's own floating point are for the GPU tier of tests/test_kernels.py and
+bench/kernels.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from megatron_llm import kernels
+from megatron_llm.kernels import fused, reference
+from megatron_llm.model import GPT, ModelConfig
+from tests.kernel_emulator import (
+    CXX,
+    SCHEDULES,
+    EmulatedExtension,
+    GuardError,
+    _Guarded,
+    rewrite_launches,
+)
+
+pytestmark = pytest.mark.skipif(shutil.which(CXX) is None, reason=f"needs a C++ compiler ({CXX})")
+
+NORM_TOL = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=1e-2, rtol=1e-2),
+    torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
+}
+
+
+@pytest.fixture(scope="module")
+def emulator() -> EmulatedExtension:
+    # One multiprocessor: the norm backward then has few blocks, each looping over several rows.
+    return EmulatedExtension(num_sms=1)
+
+
+@pytest.fixture
+def emulated(emulator, monkeypatch):
+    """megatron_llm.kernels' fused path on CPU tensors, running the emulated kernels."""
+    monkeypatch.setattr(fused, "ext", emulator)
+    monkeypatch.setattr(kernels, "_is_cuda", lambda t: True)
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    emulator.calls.clear()
+    emulator.schedule = SCHEDULES[0]
+    yield emulator
+    emulator.schedule = SCHEDULES[0]
+
+
+def grads(fn, *inputs: torch.Tensor):
+    """fn's output and every input's gradient, for a fixed random output gradient."""
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*inputs)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out))
+    return out.detach(), [t.grad for t in inputs]
+
+
+# ------------------------------------------------------------------------------------------------
+# the emulator catches what it is for
+
+
+def test_the_emulator_shows_a_missing_barrier(emulated):
+    x = torch.arange(256.0)
+    reversed_blocks = x.view(4, 64).flip(1).reshape(-1)
+    results = {}
+    for schedule in SCHEDULES:
+        emulated.schedule = schedule
+        assert torch.equal(emulated.fault("no_race", x, 256), reversed_blocks)
+        results[schedule] = emulated.fault("race", x, 256)
+    # Without the barrier, a thread reads its mirror's slot before (in order, threads 0-31;
+    # reversed, 32-63) the mirror wrote it: poisoned shared memory, NaN.
+    for out in results.values():
+        assert out.isnan().any()
+    in_order, reverse = results[(0, False)], results[(1, False)]
+    assert in_order[:32].isnan().all() and not in_order[32:64].isnan().any()
+    assert reverse[32:64].isnan().all() and not reverse[:32].isnan().any()
+
+
+def test_the_emulator_shows_a_reduction_that_reuses_scratch_too_soon(emulated):
+    # Two block sums through one scratch array, without the barrier that keeps a fast warp from
+    # overwriting it before the slow ones have read the first sum: right while the warps run in
+    # step, wrong once they run apart.
+    x = torch.arange(128.0)
+    want = torch.full((128,), x.sum().item() + (x * x).sum().item())
+    for schedule in SCHEDULES:
+        emulated.schedule = schedule
+        assert torch.equal(emulated.fault("two_sums", x, 128), want), schedule
+        got = emulated.fault("two_sums_racy", x, 128)
+        assert torch.equal(got, want) != schedule[1], schedule
+
+
+@pytest.mark.parametrize(
+    "fault,numel,error,message",
+    [
+        ("divergent_shuffle", 32, RuntimeError, "__shfl_xor_sync with mask 0xffffffff names lanes"),
+        ("divergent_barrier", 64, RuntimeError, "wait at different __syncthreads calls"),
+        ("barrier_after_return", 48, RuntimeError, r"waits at __syncthreads after thread \(48"),
+        ("write_past_end", 100, GuardError, "wrote outside the buffer"),
+        ("too_many_threads", 256, RuntimeError, "invalid configuration argument"),
+    ],
+)
+def test_the_emulator_reports_a_fault(emulator, fault, numel, error, message):
+    with pytest.raises(error, match=message):
+        emulator.fault(fault, torch.ones(numel), numel)
+
+
+def test_unwritten_output_is_reported():
+    buf = _Guarded((4,), torch.float32)
+    buf.view[:3] = 1.0
+    with pytest.raises(GuardError, match="1 of 4 elements are NaN"):
+        buf.check("out", written=True)
+    buf.view[3] = 1.0
+    buf.check("out", written=True)
+
+
+def test_launch_rewrite_keeps_lines_and_template_arguments():
+    src = "x;\nfoo<T, N><<<grid,\n  256, 0, s>>>(a, b);\nbar<<<1, 32>>>();\n"
+    out = rewrite_launches(src, "k.cu")
+    assert out.startswith('#line 1 "csrc/k.cu"\n')
+    body = out.split("\n", 1)[1]
+    assert body.count("\n") == src.count("\n")
+    launch = "::emu::Launch(grid,\n  256, 0, s)"
+    assert launch + "([&](auto&&... emu_args_) { foo<T, N>(emu_args_...); }, a, b);" in body
+    assert "{ bar(emu_args_...); });" in body
+
+
+# ------------------------------------------------------------------------------------------------
+# norms
+
+
+NORM_SHAPES = [(1, 64), (7, 100), (37, 1000), (5, 4096), (2, 16384), (1, 32768)]
+
+
+@pytest.mark.parametrize("dtype", list(NORM_TOL))
+@pytest.mark.parametrize("rows,hidden", NORM_SHAPES)
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_norm_kernels_match_the_reference(emulated, dtype, rows, hidden, norm):
+    torch.manual_seed(0)
+    x = (torch.randn(rows, hidden) * 3 + 1).to(dtype)
+    w, b = torch.randn(hidden), torch.randn(hidden)
+    if norm == "layernorm":
+        ours = grads(lambda x, w, b: kernels.layer_norm(x, w, b, 1e-5), x, w, b)
+        ref = grads(lambda x, w, b: reference.layer_norm(x, w, b, 1e-5), x, w, b)
+    else:
+        ours = grads(lambda x, w: kernels.rms_norm(x, w, 1e-5), x, w)
+        ref = grads(lambda x, w: reference.rms_norm(x, w, 1e-5), x, w)
+    assert emulated.calls == [f"{norm}_forward", f"{norm}_backward"]
+    torch.testing.assert_close(ours[0], ref[0], **NORM_TOL[dtype])
+    torch.testing.assert_close(ours[1][0], ref[1][0], **NORM_TOL[dtype])  # dx
+    for got, want in zip(ours[1][1:], ref[1][1:]):  # dweight, dbias: sums over rows
+        torch.testing.assert_close(got, want, atol=1e-4 * rows**0.5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows,hidden", [(37, 1000), (3, 16384)])
+def test_norm_kernels_do_not_depend_on_thread_order(emulated, rows, hidden):
+    torch.manual_seed(0)
+    x = torch.randn(rows, hidden, dtype=torch.bfloat16)
+    dy = torch.randn(rows, hidden, dtype=torch.bfloat16)
+    w, b = torch.randn(hidden), torch.randn(hidden)
+
+    def run():
+        y, mean, rstd = emulated.layernorm_forward(x, w, b, 1e-5)
+        ry, r_rstd = emulated.rmsnorm_forward(x, w, 1e-5)
+        return [
+            y,
+            mean,
+            rstd,
+            *emulated.layernorm_backward(dy, x, w, mean, rstd, True),
+            ry,
+            *emulated.rmsnorm_backward(dy, x, w, r_rstd),
+        ]
+
+    first = run()
+    for schedule in SCHEDULES[1:]:
+        emulated.schedule = schedule
+        for a, b_ in zip(first, run()):
+            assert torch.equal(a, b_), schedule
+
+
+def test_norm_layernorm_without_bias(emulated):
+    x = torch.randn(9, 300)
+    w = torch.randn(300)
+    ours = grads(lambda x, w: kernels.layer_norm(x, w, None, 1e-5), x, w)
+    ref = grads(lambda x, w: reference.layer_norm(x, w, None, 1e-5), x, w)
+    torch.testing.assert_close(ours[0], ref[0], **NORM_TOL[torch.float32])
+    torch.testing.assert_close(ours[1][0], ref[1][0], **NORM_TOL[torch.float32])
+    torch.testing.assert_close(ours[1][1], ref[1][1], atol=1e-4, rtol=1e-4)
+
+
+def test_norm_launcher_refuses_what_it_cannot_do(emulator):
+    message = r"csrc/norm.cuh:\d+: hidden=32769: must be in \[1, 32768\]"
+    with pytest.raises(RuntimeError, match=message):
+        emulator.rmsnorm_forward(torch.randn(1, 32769), torch.randn(32769), 1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# attention
+
+ATTENTION_CASES = [
+    # dtype, head_dim, heads, kv_heads, batch, seq
+    (torch.float16, 64, 4, 4, 2, 1),
+    (torch.bfloat16, 64, 4, 2, 1, 17),
+    (torch.float16, 128, 4, 1, 1, 65),
+    (torch.bfloat16, 128, 2, 2, 1, 130),
+    (torch.float16, 64, 6, 2, 1, 100),
+    (torch.bfloat16, 64, 2, 1, 1, 257),
+]
+
+
+def attention_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return (got.float() - want).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype,head_dim,heads,kv_heads,batch,seq", ATTENTION_CASES)
+def test_attention_kernels_match_the_reference(
+    emulated, dtype, head_dim, heads, kv_heads, batch, seq
+):
+    # As the GPU tier (and flash-attention's tests): our error against an fp32 reference within
+    # a small multiple of PyTorch's own error in the same low precision.
+    torch.manual_seed(0)
+    q = torch.randn(batch, heads, seq, head_dim).to(dtype)
+    k = torch.randn(batch, kv_heads, seq, head_dim).to(dtype)
+    v = torch.randn(batch, kv_heads, seq, head_dim).to(dtype)
+    ours = grads(kernels.causal_attention, q, k, v)
+    assert emulated.calls == ["attention_forward", "attention_backward"]
+    fp32 = grads(reference.causal_attention, q.float(), k.float(), v.float())
+    low = grads(reference.causal_attention, q, k, v)
+    for name, got, want, theirs in zip(
+        ["out", "dq", "dk", "dv"], [ours[0], *ours[1]], [fp32[0], *fp32[1]], [low[0], *low[1]]
+    ):
+        assert got.dtype == dtype and got.shape == want.shape, name
+        ours_err, theirs_err = attention_error(got, want), attention_error(theirs, want)
+        assert ours_err <= 3 * theirs_err + 1e-3, f"{name}: {ours_err} vs torch {theirs_err}"
+
+
+def test_attention_saves_the_log_sum_exp_and_does_not_depend_on_thread_order(emulated):
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 70, 64, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 2, 70, 64, dtype=torch.bfloat16) for _ in range(2))
+    out, lse = emulated.attention_forward(q, k, v)
+    s = (q.float() @ k.float().repeat_interleave(2, 1).transpose(-1, -2)) / 8.0
+    s = s.masked_fill(torch.ones(70, 70, dtype=torch.bool).triu(1), -torch.inf)
+    torch.testing.assert_close(lse, s.logsumexp(-1), atol=1e-4, rtol=1e-5)
+    dout = torch.randn_like(out)
+    first = [out, lse, *emulated.attention_backward(dout, q, k, v, out, lse)]
+    for schedule in SCHEDULES[1:]:
+        emulated.schedule = schedule
+        again_out, again_lse = emulated.attention_forward(q, k, v)
+        again = [again_out, again_lse, *emulated.attention_backward(dout, q, k, v, out, lse)]
+        for a, b in zip(first, again):
+            assert torch.equal(a, b), schedule
+
+
+def test_attention_launcher_refuses_what_it_cannot_do(emulator):
+    q = torch.randn(1, 3, 8, 64, dtype=torch.float16)
+    k = torch.randn(1, 2, 8, 64, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match=r"csrc/attention.cu:\d+: .*heads must be a multiple"):
+        emulator.attention_forward(q, k, k)
+    q = torch.randn(1, 2, 8, 96, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="head_dim must be 64 or 128"):
+        emulator.attention_forward(q, q, q)
+
+
+# ------------------------------------------------------------------------------------------------
+# the model
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_model_with_emulated_kernels_matches_the_plain_model(emulated, style):
+    torch.manual_seed(0)
+    cfg = dict(num_layers=2, hidden_size=128, num_heads=2, num_kv_heads=1, seq_length=32)
+    ours = GPT(ModelConfig(style=style, **cfg), 256).bfloat16()
+    plain = GPT(ModelConfig(style=style, kernels="torch", **cfg), 256).bfloat16()
+    plain.load_state_dict(ours.state_dict())
+    tokens = torch.randint(0, 256, (2, 32))
+
+    def loss_and_grads(model):
+        model.zero_grad()
+        loss = model(tokens, tokens)
+        loss.backward()
+        return loss.detach(), {n: p.grad.float() for n, p in model.named_parameters()}
+
+    loss, g = loss_and_grads(ours)
+    norm = "layernorm" if style == "gpt2" else "rmsnorm"
+    for op in ["attention_forward", "attention_backward", f"{norm}_forward", f"{norm}_backward"]:
+        assert op in emulated.calls, op
+    emulated.calls.clear()
+    plain_loss, plain_g = loss_and_grads(plain)
+    assert emulated.calls == []
+    torch.testing.assert_close(loss, plain_loss, atol=2e-2, rtol=2e-2)
+    for name in g:
+        torch.testing.assert_close(g[name], plain_g[name], atol=5e-2, rtol=5e-2, msg=name)
