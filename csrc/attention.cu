@@ -1,24 +1,31 @@
-// Causal attention, flash-attention style: queries and keys are tiled, the softmax is computed
-// online (running max and sum per query), and no seq x seq matrix is ever stored. Forward saves
-// only the output and each query's log-sum-exp; backward recomputes the probabilities from it.
+// Causal attention, flash-attention-2 style on tensor cores (mma.sync m16n8k16, fp32
+// accumulators, sm_80+): queries and keys are tiled, the softmax is computed online (running max
+// and sum per query), and no seq x seq matrix is ever stored. Forward saves only the output and
+// each query's log-sum-exp; backward recomputes the probabilities from it.
 //
-// forward   one block per (batch * head, 64 queries); 4 threads per query, each owning
-//           head_dim / 4 of its dimensions; keys and values stream through shared memory 32 at
-//           a time, and only up to the block's last query (causal).
+// forward   one block of 4 warps per (batch * head, 64 queries), each warp 16 queries whose Q
+//           fragments stay in registers; keys and values stream through shared memory 64 at a
+//           time, only up to the block's last query (causal). S = Q K^T and O += P V are
+//           tensor-core products; P goes from the accumulators of S straight into the A
+//           fragments of P V, rounded to the input dtype as flash-attention does.
 // backward  delta = rowsum(dout * out); then two passes, each owning what it writes, so no
-//           atomics and a deterministic result: dq per query block (as forward, looping over
-//           keys), and dk, dv per key block (8 threads per key, looping over later queries and
+//           atomics and a deterministic result: dq per query block (as forward: S = Q K^T,
+//           dP = dO V^T, dQ += dS K), and dk, dv per block of 64 keys (K and V fragments in
+//           registers; queries stream through shared memory 32 at a time, from the first that
+//           sees the block: S^T = K Q^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q), looping
 //           over every query head of the key's group, which is how grouped-query attention sums
-//           its gradient).
+//           its gradient.
 //
-// Scores are kept in the log2 domain (q scaled by log2(e) / sqrt(head_dim)) so that exp is
-// exp2f. Arithmetic is fp32 (CUDA cores, no tensor cores): a correct first version, not a fast
-// one. Reference: megatron_llm/kernels/reference.py causal_attention; parity:
-// tests/test_kernels.py; benchmark: bench/kernels.py.
+// Scores are kept in the log2 domain (scaled by log2(e) / sqrt(head_dim)) so that exp is exp2f.
+// Fragment layouts: csrc/mma.cuh. Reference: megatron_llm/kernels/reference.py
+// causal_attention; parity: tests/test_kernel_emulator.py (CPU) and tests/test_kernels.py
+// (GPU); benchmark: bench/kernels.py.
 
 #include <cmath>
+#include <utility>
 
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace mllm {
 namespace {
@@ -26,114 +33,205 @@ namespace {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-constexpr int kQueryRows = 64;  // queries per forward / dq block
-constexpr int kQueryLanes = 4;  // threads per query
-constexpr int kQueryThreads = kQueryRows * kQueryLanes;
-constexpr int kKeyTile = 32;    // keys per shared-memory tile in forward / dq
-
-constexpr int kKeyRows = 32;    // keys per dk/dv block
-constexpr int kKeyLanes = 8;    // threads per key
-constexpr int kKeyThreads = kKeyRows * kKeyLanes;
-constexpr int kQueryTile = 32;  // queries per shared-memory tile in dk/dv
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kBlockQ = 16 * kWarps;  // queries per forward / dq block, 16 per warp
+constexpr int kTileK = 64;            // keys per shared-memory tile in forward / dq
+constexpr int kBlockK = 16 * kWarps;  // keys per dk/dv block, 16 per warp
+constexpr int kTileQ = 32;            // queries per shared-memory tile in dk/dv
+constexpr int kPad = 8;               // elements after each shared-memory row: no bank conflicts
+                                      // for the column reads of column_pair
 
 // ----------------------------------------------------------------------------------------------
 // kernels
 
-// Sum over the LANES consecutive threads that share one query (or key) row of a warp.
-template <int LANES>
-__device__ __forceinline__ float row_sum(float v) {
-#pragma unroll
-  for (int offset = LANES / 2; offset > 0; offset >>= 1) {
-    v += __shfl_xor_sync(0xffffffffu, v, offset);
-  }
-  return v;
-}
-
-// Rows [first, first + ROWS) of a (seq, D) matrix into shared memory as fp32; rows at or past
-// seq become zeros.
+// Rows [first, first + ROWS) of a (seq, D) matrix into a shared-memory tile, 16 bytes at a time;
+// rows at or past seq become zeros.
 template <typename T, int ROWS, int D>
-__device__ __forceinline__ void load_tile(float (*tile)[D], const T* __restrict__ src,
+__device__ __forceinline__ void load_rows(T (*tile)[D + kPad], const T* __restrict__ src,
                                           int first, int seq) {
-  for (int e = threadIdx.x; e < ROWS * D; e += blockDim.x) {
-    const int r = e / D;
-    const int c = e % D;
-    const int row = first + r;
-    tile[r][c] = row < seq ? to_float(src[static_cast<int64_t>(row) * D + c]) : 0.0f;
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kPerRow = D / kVec;
+  for (int e = threadIdx.x; e < ROWS * kPerRow; e += blockDim.x) {
+    const int r = e / kPerRow;
+    const int c = (e % kPerRow) * kVec;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (first + r < seq) {
+      v = *reinterpret_cast<const uint4*>(src + static_cast<int64_t>(first + r) * D + c);
+    }
+    *reinterpret_cast<uint4*>(&tile[r][c]) = v;
   }
 }
 
-// grid: (batch * heads, query blocks), block: kQueryThreads.
+// The A fragments (one per 16 columns) of rows [row0, row0 + 16) of a (seq, D) matrix in
+// global memory; rows at or past seq are zeros.
 template <typename T, int D>
-__global__ void __launch_bounds__(kQueryThreads)
+__device__ __forceinline__ void load_a(uint32_t (&a)[D / 16][4], const T* __restrict__ src,
+                                       int row0, int seq) {
+  const int lane = threadIdx.x % 32;
+  const int r0 = row0 + lane / 4;
+  const int r1 = r0 + 8;
+  const T* p0 = src + static_cast<int64_t>(r0) * D + 2 * (lane % 4);
+  const T* p1 = src + static_cast<int64_t>(r1) * D + 2 * (lane % 4);
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    a[ks][0] = r0 < seq ? pair(p0 + ks * 16) : 0u;
+    a[ks][1] = r1 < seq ? pair(p1 + ks * 16) : 0u;
+    a[ks][2] = r0 < seq ? pair(p0 + ks * 16 + 8) : 0u;
+    a[ks][3] = r1 < seq ? pair(p1 + ks * 16 + 8) : 0u;
+  }
+}
+
+// acc (16 x 8N) += A (16 x D, fragments) times the first 8N rows of tile, transposed.
+template <typename T, int D, int N>
+__device__ __forceinline__ void mma_a_tile_t(float (&acc)[N][4], const uint32_t (&a)[D / 16][4],
+                                             const T (*tile)[D + kPad]) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int n = 0; n < N; ++n) {
+    const T* row = &tile[n * 8 + lane / 4][2 * (lane % 4)];
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const uint32_t b[2] = {pair(row + ks * 16), pair(row + ks * 16 + 8)};
+      mma_16816<T>(acc[n], a[ks], b);
+    }
+  }
+}
+
+// acc (16 x D) += P (16 x 8N, in the accumulator layout, rounded to T) times the first 8N rows
+// of tile. The accumulators of two n-tiles of P are exactly the A fragment of 16 columns.
+template <typename T, int D, int N>
+__device__ __forceinline__ void mma_p_tile(float (&acc)[D / 8][4], const float (&p)[N][4],
+                                           const T (*tile)[D + kPad]) {
+  static_assert(N % 2 == 0, "P must have a multiple of 16 columns");
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int j = 0; j < N / 2; ++j) {
+    const uint32_t a[4] = {pack<T>(p[2 * j][0], p[2 * j][1]), pack<T>(p[2 * j][2], p[2 * j][3]),
+                           pack<T>(p[2 * j + 1][0], p[2 * j + 1][1]),
+                           pack<T>(p[2 * j + 1][2], p[2 * j + 1][3])};
+    const T* col = &tile[16 * j + 2 * (lane % 4)][lane / 4];
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      const uint32_t b[2] = {column_pair(col + dt * 8, D + kPad),
+                             column_pair(col + dt * 8 + 8 * (D + kPad), D + kPad)};
+      mma_16816<T>(acc[dt], a, b);
+    }
+  }
+}
+
+// Max and sum over the 4 lanes that hold one row of an accumulator.
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// Rows of an accumulator (16 x D, rows row0 + lane / 4 and + 8) times `factor[0..1]` into
+// rows of a (seq, D) matrix; rows at or past seq are skipped.
+template <typename T, int D>
+__device__ __forceinline__ void store_rows(T* __restrict__ dst, const float (&acc)[D / 8][4],
+                                           int row0, int seq, const float (&factor)[2]) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = row0 + lane / 4 + 8 * h;
+    if (r >= seq) continue;
+    T* out = dst + static_cast<int64_t>(r) * D + 2 * (lane % 4);
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      *reinterpret_cast<uint32_t*>(out + dt * 8) =
+          pack<T>(acc[dt][2 * h] * factor[h], acc[dt][2 * h + 1] * factor[h]);
+    }
+  }
+}
+
+// grid: (batch * heads, query blocks), block: kThreads.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads)
     attention_forward_kernel(const T* __restrict__ q, const T* __restrict__ k,
                              const T* __restrict__ v, T* __restrict__ o,
                              float* __restrict__ lse, int heads, int kv_heads, int seq,
                              float scale_log2) {
-  constexpr int P = D / kQueryLanes;  // dimensions per thread
-  __shared__ float k_tile[kKeyTile][D];
-  __shared__ float v_tile[kKeyTile][D];
+  __shared__ __align__(16) T k_tile[kTileK][D + kPad];
+  __shared__ __align__(16) T v_tile[kTileK][D + kPad];
 
   const int bh = blockIdx.x;  // batch * heads + head
   const int kv_bh = (bh / heads) * kv_heads + (bh % heads) / (heads / kv_heads);
   const int q_block = gridDim.y - 1 - blockIdx.y;  // the longest (last) blocks start first
-  const int row = threadIdx.x / kQueryLanes;
-  const int lane = threadIdx.x % kQueryLanes;
-  const int qi = q_block * kQueryRows + row;
-  const bool valid = qi < seq;
-  const int64_t q_offset = (static_cast<int64_t>(bh) * seq + qi) * D;
+  const int lane = threadIdx.x % 32;
+  const int row0 = q_block * kBlockQ + (threadIdx.x / 32) * 16;  // the warp's first query
+  const int rows[2] = {row0 + lane / 4, row0 + lane / 4 + 8};     // this lane's two queries
+  const int64_t head_offset = static_cast<int64_t>(bh) * seq * D;
   const T* kh = k + static_cast<int64_t>(kv_bh) * seq * D;
   const T* vh = v + static_cast<int64_t>(kv_bh) * seq * D;
 
-  float qr[P];
-  float acc[P];
-#pragma unroll
-  for (int p = 0; p < P; ++p) {
-    qr[p] = valid ? to_float(q[q_offset + lane + p * kQueryLanes]) * scale_log2 : 0.0f;
-    acc[p] = 0.0f;
-  }
-  float m = -INFINITY;  // running max of the scores (log2 domain)
-  float l = 0.0f;       // running sum of exp2(score - m)
+  uint32_t qa[D / 16][4];
+  load_a<T, D>(qa, q + head_offset, row0, seq);
+  float acc[D / 8][4] = {};
+  float m[2] = {-INFINITY, -INFINITY};  // running max of the scores (log2 domain)
+  float l[2] = {0.0f, 0.0f};            // this lane's part of the running sum of exp2(s - m)
 
-  const int kv_end = min(seq, (q_block + 1) * kQueryRows);  // causal: no later keys
-  for (int first = 0; first < kv_end; first += kKeyTile) {
+  const int kv_end = min(seq, (q_block + 1) * kBlockQ);  // causal: no later keys
+  for (int first = 0; first < kv_end; first += kTileK) {
     __syncthreads();  // everyone is done with the previous tile
-    load_tile<T, kKeyTile, D>(k_tile, kh, first, seq);
-    load_tile<T, kKeyTile, D>(v_tile, vh, first, seq);
+    load_rows<T, kTileK, D>(k_tile, kh, first, seq);
+    load_rows<T, kTileK, D>(v_tile, vh, first, seq);
     __syncthreads();
 
-    float s[kKeyTile];
-    float tile_max = -INFINITY;
+    float s[kTileK / 8][4] = {};
+    mma_a_tile_t<T, D, kTileK / 8>(s, qa, k_tile);
+    float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int j = 0; j < kKeyTile; ++j) {
-      float dot = 0.0f;
+    for (int n = 0; n < kTileK / 8; ++n) {
 #pragma unroll
-      for (int p = 0; p < P; ++p) dot += qr[p] * k_tile[j][lane + p * kQueryLanes];
-      dot = row_sum<kQueryLanes>(dot);  // every lane of the row joins: no divergence here
-      s[j] = first + j <= qi ? dot : -INFINITY;
-      tile_max = fmaxf(tile_max, s[j]);
+      for (int i = 0; i < 4; ++i) {
+        const int key = first + n * 8 + 2 * (lane % 4) + i % 2;
+        s[n][i] = key <= rows[i / 2] ? s[n][i] * scale_log2 : -INFINITY;
+        tile_max[i / 2] = fmaxf(tile_max[i / 2], s[n][i]);
+      }
     }
-    // Key 0 is in the first tile and visible to every query, so m_new is finite from then on
-    // and neither exp2f below sees inf - inf.
-    const float m_new = fmaxf(m, tile_max);
-    const float correction = exp2f(m - m_new);
-    l *= correction;
+    // Key 0 is in the first tile and visible to every query, so m is finite from then on and
+    // no exp2f below sees inf - inf.
+    float correction[2];
 #pragma unroll
-    for (int p = 0; p < P; ++p) acc[p] *= correction;
-#pragma unroll
-    for (int j = 0; j < kKeyTile; ++j) {
-      const float prob = exp2f(s[j] - m_new);
-      l += prob;
-#pragma unroll
-      for (int p = 0; p < P; ++p) acc[p] += prob * v_tile[j][lane + p * kQueryLanes];
+    for (int h = 0; h < 2; ++h) {
+      const float m_new = fmaxf(m[h], quad_max(tile_max[h]));
+      correction[h] = exp2f(m[h] - m_new);
+      m[h] = m_new;
+      l[h] *= correction[h];
     }
-    m = m_new;
+#pragma unroll
+    for (int n = 0; n < kTileK / 8; ++n) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        s[n][i] = exp2f(s[n][i] - m[i / 2]);
+        l[i / 2] += s[n][i];
+      }
+    }
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[dt][i] *= correction[i / 2];
+    }
+    mma_p_tile<T, D, kTileK / 8>(acc, s, v_tile);
   }
 
-  if (valid) {
-    const float inv_l = 1.0f / l;
+  float inv_l[2];
 #pragma unroll
-    for (int p = 0; p < P; ++p) o[q_offset + lane + p * kQueryLanes] = from_float<T>(acc[p] * inv_l);
-    if (lane == 0) lse[static_cast<int64_t>(bh) * seq + qi] = (m + log2f(l)) * kLn2;
+  for (int h = 0; h < 2; ++h) {
+    l[h] = quad_sum(l[h]);
+    inv_l[h] = 1.0f / l[h];
+  }
+  store_rows<T, D>(o + head_offset, acc, row0, seq, inv_l);
+  if (lane % 4 == 0) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (rows[h] < seq) lse[static_cast<int64_t>(bh) * seq + rows[h]] = (m[h] + log2f(l[h])) * kLn2;
+    }
   }
 }
 
@@ -154,157 +252,143 @@ __global__ void attention_delta_kernel(const T* __restrict__ o, const T* __restr
 // dq_i = scale * sum_j p_ij (dp_ij - delta_i) k_j with p_ij = exp(s_ij - lse_i) and
 // dp_ij = dout_i . v_j. grid and block as forward.
 template <typename T, int D>
-__global__ void __launch_bounds__(kQueryThreads)
+__global__ void __launch_bounds__(kThreads)
     attention_dq_kernel(const T* __restrict__ q, const T* __restrict__ k,
                         const T* __restrict__ v, const T* __restrict__ dout,
                         const float* __restrict__ lse, const float* __restrict__ delta,
                         T* __restrict__ dq, int heads, int kv_heads, int seq, float scale_log2,
                         float scale) {
-  constexpr int P = D / kQueryLanes;
-  __shared__ float k_tile[kKeyTile][D];
-  __shared__ float v_tile[kKeyTile][D];
+  __shared__ __align__(16) T k_tile[kTileK][D + kPad];
+  __shared__ __align__(16) T v_tile[kTileK][D + kPad];
 
   const int bh = blockIdx.x;
   const int kv_bh = (bh / heads) * kv_heads + (bh % heads) / (heads / kv_heads);
   const int q_block = gridDim.y - 1 - blockIdx.y;
-  const int row = threadIdx.x / kQueryLanes;
-  const int lane = threadIdx.x % kQueryLanes;
-  const int qi = q_block * kQueryRows + row;
-  const bool valid = qi < seq;
-  const int64_t q_offset = (static_cast<int64_t>(bh) * seq + qi) * D;
+  const int lane = threadIdx.x % 32;
+  const int row0 = q_block * kBlockQ + (threadIdx.x / 32) * 16;
+  const int rows[2] = {row0 + lane / 4, row0 + lane / 4 + 8};
+  const int64_t head_offset = static_cast<int64_t>(bh) * seq * D;
   const T* kh = k + static_cast<int64_t>(kv_bh) * seq * D;
   const T* vh = v + static_cast<int64_t>(kv_bh) * seq * D;
 
-  float qr[P];
-  float dor[P];
-  float acc[P];
+  uint32_t qa[D / 16][4];
+  uint32_t da[D / 16][4];
+  load_a<T, D>(qa, q + head_offset, row0, seq);
+  load_a<T, D>(da, dout + head_offset, row0, seq);
+  float lse_log2[2];
+  float delta_r[2];
 #pragma unroll
-  for (int p = 0; p < P; ++p) {
-    const int64_t at = q_offset + lane + p * kQueryLanes;
-    qr[p] = valid ? to_float(q[at]) * scale_log2 : 0.0f;
-    dor[p] = valid ? to_float(dout[at]) : 0.0f;
-    acc[p] = 0.0f;
+  for (int h = 0; h < 2; ++h) {
+    const bool valid = rows[h] < seq;
+    lse_log2[h] = valid ? lse[static_cast<int64_t>(bh) * seq + rows[h]] * kLog2e : 0.0f;
+    delta_r[h] = valid ? delta[static_cast<int64_t>(bh) * seq + rows[h]] : 0.0f;
   }
-  const float lse_log2 = valid ? lse[static_cast<int64_t>(bh) * seq + qi] * kLog2e : 0.0f;
-  const float delta_i = valid ? delta[static_cast<int64_t>(bh) * seq + qi] : 0.0f;
+  float acc[D / 8][4] = {};
 
-  const int kv_end = min(seq, (q_block + 1) * kQueryRows);
-  for (int first = 0; first < kv_end; first += kKeyTile) {
+  const int kv_end = min(seq, (q_block + 1) * kBlockQ);
+  for (int first = 0; first < kv_end; first += kTileK) {
     __syncthreads();
-    load_tile<T, kKeyTile, D>(k_tile, kh, first, seq);
-    load_tile<T, kKeyTile, D>(v_tile, vh, first, seq);
+    load_rows<T, kTileK, D>(k_tile, kh, first, seq);
+    load_rows<T, kTileK, D>(v_tile, vh, first, seq);
     __syncthreads();
-#pragma unroll 4
-    for (int j = 0; j < kKeyTile; ++j) {
-      float s = 0.0f;
-      float dp = 0.0f;
+
+    float s[kTileK / 8][4] = {};
+    float dp[kTileK / 8][4] = {};
+    mma_a_tile_t<T, D, kTileK / 8>(s, qa, k_tile);
+    mma_a_tile_t<T, D, kTileK / 8>(dp, da, v_tile);
 #pragma unroll
-      for (int p = 0; p < P; ++p) {
-        s += qr[p] * k_tile[j][lane + p * kQueryLanes];
-        dp += dor[p] * v_tile[j][lane + p * kQueryLanes];
+    for (int n = 0; n < kTileK / 8; ++n) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int key = first + n * 8 + 2 * (lane % 4) + i % 2;
+        const int h = i / 2;
+        const float p = key <= rows[h] && rows[h] < seq
+                            ? exp2f(s[n][i] * scale_log2 - lse_log2[h])
+                            : 0.0f;
+        s[n][i] = p * (dp[n][i] - delta_r[h]);  // dS
       }
-      s = row_sum<kQueryLanes>(s);
-      dp = row_sum<kQueryLanes>(dp);
-      const float prob = valid && first + j <= qi ? exp2f(s - lse_log2) : 0.0f;
-      const float ds = prob * (dp - delta_i);
-#pragma unroll
-      for (int p = 0; p < P; ++p) acc[p] += ds * k_tile[j][lane + p * kQueryLanes];
     }
+    mma_p_tile<T, D, kTileK / 8>(acc, s, k_tile);
   }
-
-  if (valid) {
-#pragma unroll
-    for (int p = 0; p < P; ++p) dq[q_offset + lane + p * kQueryLanes] = from_float<T>(acc[p] * scale);
-  }
+  const float factor[2] = {scale, scale};
+  store_rows<T, D>(dq + head_offset, acc, row0, seq, factor);
 }
 
 // dv_j = sum_i p_ij dout_i and dk_j = scale * sum_i p_ij (dp_ij - delta_i) q_i, the sums over
 // the queries i >= j of every query head that reads this key's head.
-// grid: (batch * kv_heads, key blocks), block: kKeyThreads.
+// grid: (batch * kv_heads, key blocks), block: kThreads.
 template <typename T, int D>
-__global__ void __launch_bounds__(kKeyThreads)
+__global__ void __launch_bounds__(kThreads)
     attention_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k,
                           const T* __restrict__ v, const T* __restrict__ dout,
                           const float* __restrict__ lse, const float* __restrict__ delta,
                           T* __restrict__ dk, T* __restrict__ dv, int heads, int kv_heads,
                           int seq, float scale_log2, float scale) {
-  constexpr int P = D / kKeyLanes;
-  __shared__ float q_tile[kQueryTile][D];
-  __shared__ float do_tile[kQueryTile][D];
-  __shared__ float lse_tile[kQueryTile];
-  __shared__ float delta_tile[kQueryTile];
+  __shared__ __align__(16) T q_tile[kTileQ][D + kPad];
+  __shared__ __align__(16) T do_tile[kTileQ][D + kPad];
+  __shared__ float lse_tile[kTileQ];
+  __shared__ float delta_tile[kTileQ];
 
   const int kv_bh = blockIdx.x;  // batch * kv_heads + kv head
   const int batch = kv_bh / kv_heads;
   const int group = heads / kv_heads;
   const int first_head = (kv_bh % kv_heads) * group;
   const int k_block = blockIdx.y;  // the first blocks see the most queries and start first
-  const int row = threadIdx.x / kKeyLanes;
-  const int lane = threadIdx.x % kKeyLanes;
-  const int kj = k_block * kKeyRows + row;
-  const bool valid = kj < seq;
-  const int64_t k_offset = (static_cast<int64_t>(kv_bh) * seq + kj) * D;
+  const int lane = threadIdx.x % 32;
+  const int key0 = k_block * kBlockK + (threadIdx.x / 32) * 16;  // the warp's first key
+  const int keys[2] = {key0 + lane / 4, key0 + lane / 4 + 8};
+  const int64_t kv_offset = static_cast<int64_t>(kv_bh) * seq * D;
 
-  float kr[P];
-  float vr[P];
-  float dk_acc[P];
-  float dv_acc[P];
-#pragma unroll
-  for (int p = 0; p < P; ++p) {
-    const int64_t at = k_offset + lane + p * kKeyLanes;
-    kr[p] = valid ? to_float(k[at]) : 0.0f;
-    vr[p] = valid ? to_float(v[at]) : 0.0f;
-    dk_acc[p] = 0.0f;
-    dv_acc[p] = 0.0f;
-  }
+  uint32_t ka[D / 16][4];
+  uint32_t va[D / 16][4];
+  load_a<T, D>(ka, k + kv_offset, key0, seq);
+  load_a<T, D>(va, v + kv_offset, key0, seq);
+  float dk_acc[D / 8][4] = {};
+  float dv_acc[D / 8][4] = {};
 
-  // Causal: the first query that sees key kj is query kj.
-  const int q_start = (k_block * kKeyRows / kQueryTile) * kQueryTile;
+  // Causal: the first query that sees a key of this block is its first key.
+  const int q_start = (k_block * kBlockK / kTileQ) * kTileQ;
   for (int head = first_head; head < first_head + group; ++head) {
     const int64_t bh = static_cast<int64_t>(batch) * heads + head;
     const T* qh = q + bh * seq * D;
     const T* doh = dout + bh * seq * D;
-    for (int first = q_start; first < seq; first += kQueryTile) {
+    for (int first = q_start; first < seq; first += kTileQ) {
       __syncthreads();
-      load_tile<T, kQueryTile, D>(q_tile, qh, first, seq);
-      load_tile<T, kQueryTile, D>(do_tile, doh, first, seq);
-      for (int i = threadIdx.x; i < kQueryTile; i += blockDim.x) {
+      load_rows<T, kTileQ, D>(q_tile, qh, first, seq);
+      load_rows<T, kTileQ, D>(do_tile, doh, first, seq);
+      for (int i = threadIdx.x; i < kTileQ; i += blockDim.x) {
         const bool in_seq = first + i < seq;
         lse_tile[i] = in_seq ? lse[bh * seq + first + i] * kLog2e : 0.0f;
         delta_tile[i] = in_seq ? delta[bh * seq + first + i] : 0.0f;
       }
       __syncthreads();
-#pragma unroll 4
-      for (int i = 0; i < kQueryTile; ++i) {
-        float s = 0.0f;
-        float dp = 0.0f;
+
+      float st[kTileQ / 8][4] = {};   // S^T: keys x queries
+      float dpt[kTileQ / 8][4] = {};  // dP^T
+      mma_a_tile_t<T, D, kTileQ / 8>(st, ka, q_tile);
+      mma_a_tile_t<T, D, kTileQ / 8>(dpt, va, do_tile);
 #pragma unroll
-        for (int p = 0; p < P; ++p) {
-          s += q_tile[i][lane + p * kKeyLanes] * kr[p];
-          dp += do_tile[i][lane + p * kKeyLanes] * vr[p];
-        }
-        s = row_sum<kKeyLanes>(s) * scale_log2;
-        dp = row_sum<kKeyLanes>(dp);
-        const int qi = first + i;
-        const float prob = valid && qi < seq && kj <= qi ? exp2f(s - lse_tile[i]) : 0.0f;
-        const float ds = prob * (dp - delta_tile[i]);
+      for (int n = 0; n < kTileQ / 8; ++n) {
 #pragma unroll
-        for (int p = 0; p < P; ++p) {
-          dv_acc[p] += prob * do_tile[i][lane + p * kKeyLanes];
-          dk_acc[p] += ds * q_tile[i][lane + p * kKeyLanes];
+        for (int i = 0; i < 4; ++i) {
+          const int col = n * 8 + 2 * (lane % 4) + i % 2;
+          const int query = first + col;
+          const float p = query < seq && keys[i / 2] <= query
+                              ? exp2f(st[n][i] * scale_log2 - lse_tile[col])
+                              : 0.0f;
+          st[n][i] = p;
+          dpt[n][i] = p * (dpt[n][i] - delta_tile[col]);  // dS^T
         }
       }
+      mma_p_tile<T, D, kTileQ / 8>(dv_acc, st, do_tile);
+      mma_p_tile<T, D, kTileQ / 8>(dk_acc, dpt, q_tile);
     }
   }
 
-  if (valid) {
-#pragma unroll
-    for (int p = 0; p < P; ++p) {
-      const int64_t at = k_offset + lane + p * kKeyLanes;
-      dk[at] = from_float<T>(dk_acc[p] * scale);
-      dv[at] = from_float<T>(dv_acc[p]);
-    }
-  }
+  const float dk_factor[2] = {scale, scale};
+  const float dv_factor[2] = {1.0f, 1.0f};
+  store_rows<T, D>(dk + kv_offset, dk_acc, key0, seq, dk_factor);
+  store_rows<T, D>(dv + kv_offset, dv_acc, key0, seq, dv_factor);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -324,10 +408,23 @@ void check_attention_shape(int batch, int heads, int kv_heads, int seq, int head
              "attention: " + shape + ": head_dim must be 64 or 128");
   HOST_CHECK(static_cast<int64_t>(batch) * heads <= INT32_MAX,
              "attention: " + shape + ": batch * heads must be < 2^31");
-  HOST_CHECK(ceil_div(seq, kKeyRows) <= 65535,
-             "attention: " + shape + ": seq must be at most " + std::to_string(65535 * kKeyRows));
+  HOST_CHECK(ceil_div(seq, kBlockK) <= 65535,
+             "attention: " + shape + ": seq must be at most " + std::to_string(65535 * kBlockK));
   HOST_CHECK(dtype == DType::kFloat16 || dtype == DType::kBFloat16,
              "attention: only fp16 and bf16 inputs");
+  int device = 0;
+  int major = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  HOST_CHECK(major >= 8, "attention: needs compute capability 8.0 or newer (tensor-core " +
+                             std::string("mma.sync m16n8k16); device ") +
+                             std::to_string(device) + " is " + std::to_string(major) + ".x");
+}
+
+// The kernels read and write rows 16 bytes at a time.
+void check_aligned(const void* p, const char* name) {
+  HOST_CHECK(reinterpret_cast<uintptr_t>(p) % 16 == 0,
+             std::string("attention: ") + name + " must be 16-byte aligned");
 }
 
 // Runs the statements with T the element type and D the head dimension.
@@ -361,10 +458,14 @@ void attention_forward(const void* q, const void* k, const void* v, void* o, flo
                        cudaStream_t stream) {
   check_attention_shape(batch, heads, kv_heads, seq, head_dim, dtype);
   HOST_CHECK(q && k && v && o && lse, "attention_forward: null pointer");
+  check_aligned(q, "q");
+  check_aligned(k, "k");
+  check_aligned(v, "v");
+  check_aligned(o, "out");
   const float scale_log2 = kLog2e / std::sqrt(static_cast<float>(head_dim));
-  const dim3 grid(batch * heads, ceil_div(seq, kQueryRows));
+  const dim3 grid(batch * heads, ceil_div(seq, kBlockQ));
   DISPATCH_ATTENTION(dtype, head_dim, {
-    attention_forward_kernel<T, D><<<grid, kQueryThreads, 0, stream>>>(
+    attention_forward_kernel<T, D><<<grid, kThreads, 0, stream>>>(
         static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
         static_cast<T*>(o), lse, heads, kv_heads, seq, scale_log2);
   });
@@ -378,25 +479,29 @@ void attention_backward(const void* q, const void* k, const void* v, const void*
   check_attention_shape(batch, heads, kv_heads, seq, head_dim, dtype);
   HOST_CHECK(q && k && v && o && dout && lse && dq && dk && dv && delta,
              "attention_backward: null pointer");
+  for (const auto& [p, name] : {std::pair<const void*, const char*>{q, "q"}, {k, "k"}, {v, "v"},
+                                {dout, "dout"}, {dq, "dq"}, {dk, "dk"}, {dv, "dv"}}) {
+    check_aligned(p, name);
+  }
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
   const float scale_log2 = kLog2e * scale;
   const int64_t rows = static_cast<int64_t>(batch) * heads * seq;
   const int warps_per_block = 8;
   HOST_CHECK((rows + warps_per_block - 1) / warps_per_block <= INT32_MAX,
              "attention_backward: batch * heads * seq too large");
-  const dim3 q_grid(batch * heads, ceil_div(seq, kQueryRows));
-  const dim3 k_grid(batch * kv_heads, ceil_div(seq, kKeyRows));
+  const dim3 q_grid(batch * heads, ceil_div(seq, kBlockQ));
+  const dim3 k_grid(batch * kv_heads, ceil_div(seq, kBlockK));
   DISPATCH_ATTENTION(dtype, head_dim, {
     attention_delta_kernel<T, D><<<ceil_div(rows, warps_per_block), 32 * warps_per_block, 0,
                                    stream>>>(static_cast<const T*>(o),
                                              static_cast<const T*>(dout), delta, rows);
     CUDA_CHECK(cudaGetLastError());
-    attention_dq_kernel<T, D><<<q_grid, kQueryThreads, 0, stream>>>(
+    attention_dq_kernel<T, D><<<q_grid, kThreads, 0, stream>>>(
         static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
         static_cast<const T*>(dout), lse, delta, static_cast<T*>(dq), heads, kv_heads, seq,
         scale_log2, scale);
     CUDA_CHECK(cudaGetLastError());
-    attention_dkdv_kernel<T, D><<<k_grid, kKeyThreads, 0, stream>>>(
+    attention_dkdv_kernel<T, D><<<k_grid, kThreads, 0, stream>>>(
         static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
         static_cast<const T*>(dout), lse, delta, static_cast<T*>(dk), static_cast<T*>(dv),
         heads, kv_heads, seq, scale_log2, scale);

@@ -42,6 +42,7 @@ CXXFLAGS = [
     "-Werror",
     "-Wno-unknown-pragmas",
     "-fno-unswitch-loops",
+    "-fno-strict-aliasing",
 ]
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 GUARD = 1024  # elements of NaN before and after every buffer
@@ -123,7 +124,8 @@ def build() -> Path:
             out.write_text(text)
             if path.suffix == ".cu":
                 units.append(out)
-        faults = src / "faults.cpp"
+        (src / "emulator").mkdir()
+        faults = src / "emulator" / "faults.cpp"  # its "../mma.cuh" is the rewritten one
         faults_cu = (EMULATOR / "faults.cu").read_text()
         faults.write_text(rewrite_launches(faults_cu, "emulator/faults.cu"))
         units += [faults, EMULATOR / "emu.cpp", EMULATOR / "capi.cpp"]

@@ -111,11 +111,22 @@ def test_the_emulator_shows_a_reduction_that_reuses_scratch_too_soon(emulated):
         ("barrier_after_return", 48, RuntimeError, r"waits at __syncthreads after thread \(48"),
         ("write_past_end", 100, GuardError, "wrote outside the buffer"),
         ("too_many_threads", 256, RuntimeError, "invalid configuration argument"),
+        ("partial_warp_mma", 16, RuntimeError, "mma.m16n8k16.f16 needs all 32 lanes"),
     ],
 )
 def test_the_emulator_reports_a_fault(emulator, fault, numel, error, message):
     with pytest.raises(error, match=message):
         emulator.fault(fault, torch.ones(numel), numel)
+
+
+def test_the_emulated_tensor_core_op_multiplies(emulator):
+    # The fragment layouts of csrc/mma.cuh, as the kernel of faults.cu loads them, and the
+    # emulator's mma.sync agree: out = A B for fp16-exact A and B.
+    torch.manual_seed(0)
+    a = torch.randint(-8, 8, (16, 16)).float() / 4
+    b = torch.randint(-8, 8, (16, 8)).float() / 4
+    out = emulator.fault("mma", torch.cat([a.flatten(), b.flatten()]), 128)
+    assert torch.equal(out.view(16, 8), a @ b)
 
 
 def test_unwritten_output_is_reported():

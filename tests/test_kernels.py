@@ -188,6 +188,26 @@ UNSUPPORTED = {
 }
 
 
+def test_attention_before_sm80_falls_back(fake_ext, monkeypatch):
+    q = bf16(1, 2, 5, 64)
+    monkeypatch.setattr(kernels, "_capability", lambda t: (7, 5))  # a T4: no bf16 mma.sync
+    kernels.causal_attention(q, q, q)
+    monkeypatch.setattr(kernels, "_capability", lambda t: (8, 0))
+    assert fake_ext.calls == []
+    kernels.causal_attention(q, q, q)
+    assert fake_ext.calls == ["attention_forward"]
+
+
+def test_attention_inputs_are_made_16_byte_aligned():
+    base = torch.randn(2 * 3 * 64 + 1, dtype=torch.bfloat16)
+    view = base[1:].view(2, 3, 64)  # contiguous, but 2 bytes past an aligned address
+    assert view.data_ptr() % 16 != 0
+    aligned = fused._aligned(view)
+    assert aligned.data_ptr() % 16 == 0 and torch.equal(aligned, view)
+    fine = base[:-1].view(2, 3, 64)
+    assert fused._aligned(fine).data_ptr() == fine.data_ptr()  # no copy when it is not needed
+
+
 @pytest.mark.parametrize("case", list(UNSUPPORTED))
 def test_unsupported_inputs_fall_back(fake_ext, case):
     UNSUPPORTED[case]()

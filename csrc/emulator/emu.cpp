@@ -31,7 +31,7 @@ namespace {
 
 cudaError_t last_error = cudaSuccess;
 
-enum class State { kRunnable, kBarrier, kShuffle, kDone };
+enum class State { kRunnable, kBarrier, kShuffle, kCollective, kDone };
 
 const char* state_name(State s) {
   switch (s) {
@@ -41,6 +41,8 @@ const char* state_name(State s) {
       return "__syncthreads";
     case State::kShuffle:
       return "a warp shuffle";
+    case State::kCollective:
+      return "a warp-wide operation";
     case State::kDone:
       return "returned";
   }
@@ -62,6 +64,10 @@ struct Fiber {
   const char* op = nullptr;
   uint64_t result = 0;
   const void* barrier_site = nullptr;  // the __syncthreads call it waits at
+  // the pending warp-wide operation
+  const void* mine = nullptr;
+  size_t bytes = 0;
+  void* all = nullptr;
   std::unique_ptr<char[]> stack;
 };
 
@@ -143,20 +149,55 @@ std::string hex(unsigned v) {
   return buf;
 }
 
-// Completes the shuffle of warp `w` if every live thread of it waits at one; true if it did.
+// Completes the warp-wide operation of warp `w` (from `first` to `end`), whose live lanes `live`
+// all wait at one.
+void complete_collective(const dim3& b, size_t first, size_t end, unsigned live) {
+  const Fiber& lead = block.fibers[first];
+  if (end - first != 32 || live != 0xffffffffu) {
+    throw std::runtime_error("emulator: " + where(b) + " " + thread_name(lead) + ": " + lead.op +
+                             " needs all 32 lanes of the warp (live lanes " + hex(live) + ")");
+  }
+  for (size_t t = first; t < end; ++t) {
+    const Fiber& f = block.fibers[t];
+    if (std::strcmp(f.op, lead.op) != 0 || f.bytes != lead.bytes) {
+      throw std::runtime_error("emulator: " + where(b) + ": " + thread_name(lead) + " at " +
+                               lead.op + " but " + thread_name(f) + " at " + f.op);
+    }
+  }
+  for (size_t t = first; t < end; ++t) {
+    char* out = static_cast<char*>(block.fibers[t].all);
+    for (size_t src = first; src < end; ++src) {
+      std::memcpy(out + (src - first) * lead.bytes, block.fibers[src].mine, lead.bytes);
+    }
+  }
+  for (size_t t = first; t < end; ++t) block.fibers[t].state = State::kRunnable;
+}
+
+// Completes the shuffle (or warp-wide operation) of warp `w` if every live thread of it waits
+// at one; true if it did.
 bool complete_shuffle(const dim3& b, size_t w) {
   const size_t first = w * 32;
   const size_t end = std::min(block.fibers_in_use, first + 32);
   unsigned live = 0;  // lanes that have not returned
-  bool some_waiting = false;
+  bool shuffles = false;
+  bool collectives = false;
   for (size_t t = first; t < end; ++t) {
     const Fiber& f = block.fibers[t];
     if (f.state == State::kDone) continue;
     live |= 1u << (t - first);
-    if (f.state != State::kShuffle) return false;
-    some_waiting = true;
+    if (f.state == State::kShuffle) shuffles = true;
+    else if (f.state == State::kCollective) collectives = true;
+    else return false;
   }
-  if (!some_waiting) return false;
+  if (!shuffles && !collectives) return false;
+  if (shuffles && collectives) {
+    throw std::runtime_error("emulator: " + where(b) + ": lanes of warp " + std::to_string(w) +
+                             " wait at a shuffle and at a warp-wide operation");
+  }
+  if (collectives) {
+    complete_collective(b, first, end, live);
+    return true;
+  }
   for (size_t t = first; t < end; ++t) {
     Fiber& f = block.fibers[t];
     if (f.state != State::kShuffle) continue;
@@ -279,6 +320,27 @@ cudaError_t cudaGetLastError() {
 
 cudaError_t cudaPeekAtLastError() { return last_error; }
 
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (device != 0) return cudaErrorInvalidValue;
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount:
+      *value = 132;
+      return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor:
+      *value = 9;
+      return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor:
+      *value = 0;
+      return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
+}
+
 const char* cudaGetErrorString(cudaError_t error) {
   switch (error) {
     case cudaSuccess:
@@ -305,6 +367,16 @@ namespace emu {
 void set_schedule(unsigned order, bool apart) {
   schedule = order;
   warps_apart = apart;
+}
+
+void warp_collective(const char* op, const void* mine, size_t bytes, void* all) {
+  Fiber* self = block.current;
+  self->state = State::kCollective;
+  self->op = op;
+  self->mine = mine;
+  self->bytes = bytes;
+  self->all = all;
+  yield();
 }
 
 uint64_t shuffle(unsigned mask, uint64_t bits, int src_lane, const char* op) {

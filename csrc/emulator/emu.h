@@ -33,6 +33,7 @@
 #include <cstring>
 #include <functional>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 // ------------------------------------------------------------------------------------------
@@ -47,6 +48,8 @@
 // bytes (a NaN in every float type) before each block: a read of shared memory no thread of the
 // block wrote shows up as NaN, as garbage would on a GPU.
 #define __shared__ static __attribute__((section("emu_shared")))
+#define __align__(n) __attribute__((aligned(n)))
+#define MLLM_EMULATOR 1  // csrc/mma.cuh takes the emulator's tensor-core op below
 
 // ------------------------------------------------------------------------------------------
 // built-in variables and vector types
@@ -59,6 +62,11 @@ struct dim3 {
   unsigned x, y, z;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
+
+struct __align__(16) uint4 {
+  unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 
 extern uint3 threadIdx;
 extern uint3 blockIdx;
@@ -126,7 +134,16 @@ enum cudaError_t {
 using cudaError = cudaError_t;
 typedef struct CUstream_st* cudaStream_t;
 
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76,
+};
+
 cudaError_t cudaGetLastError();
+cudaError_t cudaGetDevice(int* device);
+// The emulated device: compute capability 9.0 with 132 multiprocessors (an H100 SXM).
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
 cudaError_t cudaPeekAtLastError();
 const char* cudaGetErrorString(cudaError_t error);
 
@@ -179,6 +196,10 @@ T from_bits(uint64_t bits) {
   return v;
 }
 
+// A warp-wide operation (mma.sync): every lane of a full warp hands in `bytes` bytes at `mine`
+// and receives all 32 lanes' contributions, lane by lane, at `all` (32 * bytes).
+void warp_collective(const char* op, const void* mine, size_t bytes, void* all);
+
 inline int lane_id() {
   const unsigned linear = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
   return static_cast<int>(linear % 32);
@@ -213,3 +234,62 @@ T __shfl_sync(unsigned mask, T var, int src_lane, int width = 32) {
   const int src = (lane & ~(width - 1)) + (src_lane % width);
   return emu::from_bits<T>(emu::shuffle(mask, emu::to_bits(var), src, "__shfl_sync"));
 }
+
+// ------------------------------------------------------------------------------------------
+// tensor cores: mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32
+
+namespace emu {
+
+template <typename T>
+float half_bits_to_float(uint16_t bits) {
+  T h;
+  std::memcpy(&h, &bits, sizeof h);
+  if constexpr (std::is_same_v<T, __half>) {
+    return __half2float(h);
+  } else {
+    return __bfloat162float(h);
+  }
+}
+
+// d += A * B for the warp's 16x16 A and 16x8 B, distributed over the lanes as the PTX ISA lays
+// out the fragments of mma.m16n8k16 (groupID = lane / 4, t = lane % 4; a register's lower half
+// holds the lower-numbered element):
+//   A: a_i at row groupID + 8 * ((i / 2) % 2), column 2t + i % 2 + 8 * (i / 4), i = 0..7
+//   B: b_i at row (k) 2t + i % 2 + 8 * (i / 2), column (n) groupID, i = 0..3
+//   C, D: c_i at row groupID + 8 * (i / 2), column 2t + i % 2, i = 0..3
+// Products are summed in fp32, as the tensor cores do (their order of summation differs).
+template <typename T>
+void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  struct Fragments {
+    uint32_t a[4];
+    uint32_t b[2];
+  };
+  const Fragments mine{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}};
+  Fragments all[32];
+  warp_collective(std::is_same_v<T, __half> ? "mma.m16n8k16.f16" : "mma.m16n8k16.bf16", &mine,
+                  sizeof mine, all);
+  float A[16][16];
+  float B[16][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    const int group = lane / 4;
+    const int t = lane % 4;
+    for (int i = 0; i < 8; ++i) {
+      const uint16_t bits = static_cast<uint16_t>(all[lane].a[i / 2] >> (16 * (i % 2)));
+      A[group + 8 * ((i / 2) % 2)][2 * t + i % 2 + 8 * (i / 4)] = half_bits_to_float<T>(bits);
+    }
+    for (int i = 0; i < 4; ++i) {
+      const uint16_t bits = static_cast<uint16_t>(all[lane].b[i / 2] >> (16 * (i % 2)));
+      B[2 * t + i % 2 + 8 * (i / 2)][group] = half_bits_to_float<T>(bits);
+    }
+  }
+  const int lane = lane_id();
+  for (int i = 0; i < 4; ++i) {
+    const int row = lane / 4 + 8 * (i / 2);
+    const int col = 2 * (lane % 4) + i % 2;
+    float sum = 0.0f;
+    for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
+    d[i] += sum;
+  }
+}
+
+}  // namespace emu

@@ -7,6 +7,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "../mma.cuh"
+
 namespace {
 
 constexpr int kThreads = 64;
@@ -81,6 +83,35 @@ __global__ void two_sums_kernel(const float* in, float* out, bool reuse_guard) {
   out[threadIdx.x] = a + b;
 }
 
+// out (16 x 8) = A (16 x 16) times B (16 x 8), with in = A then B row-major in fp32, through
+// one tensor-core op whose fragments each lane loads by the layouts of mma.cuh. Not a fault:
+// the check that the emulated op and those layouts agree.
+__global__ void mma_kernel(const float* in, float* out) {
+  const float* a = in;
+  const float* b = in + 16 * 16;
+  const int g = threadIdx.x / 4;
+  const int t = threadIdx.x % 4;
+  const uint32_t af[4] = {
+      mllm::pack<__half>(a[g * 16 + 2 * t], a[g * 16 + 2 * t + 1]),
+      mllm::pack<__half>(a[(g + 8) * 16 + 2 * t], a[(g + 8) * 16 + 2 * t + 1]),
+      mllm::pack<__half>(a[g * 16 + 2 * t + 8], a[g * 16 + 2 * t + 9]),
+      mllm::pack<__half>(a[(g + 8) * 16 + 2 * t + 8], a[(g + 8) * 16 + 2 * t + 9])};
+  const uint32_t bf[2] = {mllm::pack<__half>(b[(2 * t) * 8 + g], b[(2 * t + 1) * 8 + g]),
+                          mllm::pack<__half>(b[(2 * t + 8) * 8 + g], b[(2 * t + 9) * 8 + g])};
+  float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  mllm::mma_16816<__half>(d, af, bf);
+  for (int i = 0; i < 4; ++i) out[(g + 8 * (i / 2)) * 8 + 2 * t + i % 2] = d[i];
+}
+
+// A tensor-core op, which needs the whole warp, in a block of 16 threads.
+__global__ void partial_warp_mma_kernel(float* out) {
+  const uint32_t a[4] = {0, 0, 0, 0};
+  const uint32_t b[2] = {0, 0};
+  float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  mllm::mma_16816<__half>(d, a, b);
+  out[threadIdx.x] = d[0];
+}
+
 void check_launch() {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) throw std::runtime_error(cudaGetErrorString(err));
@@ -103,6 +134,10 @@ void run_fault_kernel(const std::string& name, const float* in, float* out, int 
     barrier_after_return_kernel<<<1, kThreads>>>(in, out, n);
   } else if (name == "write_past_end") {
     write_past_end_kernel<<<(n + kThreads) / kThreads, kThreads>>>(in, out, n);
+  } else if (name == "mma") {
+    mma_kernel<<<1, 32>>>(in, out);
+  } else if (name == "partial_warp_mma") {
+    partial_warp_mma_kernel<<<1, 16>>>(out);
   } else if (name == "too_many_threads") {
     reverse_kernel<<<1, 2048>>>(in, out, true);
   } else {

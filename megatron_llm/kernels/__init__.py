@@ -8,7 +8,8 @@ these hold, and its PyTorch reference (megatron_llm.kernels.reference) otherwise
 - neither MEGATRON_LLM_KERNELS=torch (environment) nor impl="torch" (the model's
   `model.kernels: torch`) forces the fallback;
 - the tensors are on CUDA and fit the kernels: norms take fp32/fp16/bf16 with hidden size up to
-  32768; attention takes fp16/bf16, head_dim 64 or 128, equal query and key lengths, no dropout.
+  32768; attention takes fp16/bf16, head_dim 64 or 128, equal query and key lengths, no dropout,
+  on a GPU of compute capability 8.0 or newer (its tensor-core instructions).
 
 `backend()` says which path this process takes and `backend_reason()` why. The fallback is
 always correct, so a run never fails for want of the extension; it is only slower.
@@ -16,6 +17,7 @@ always correct, so a run never fails for want of the extension; it is only slowe
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Literal
 
@@ -93,6 +95,21 @@ def rms_norm(
     return reference.rms_norm(x, weight, eps)
 
 
+@functools.cache
+def _cuda_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _capability(t: torch.Tensor) -> tuple[int, int]:
+    # CPU tensors get here only in tests that pretend they are on CUDA: any capability will do.
+    return _cuda_capability(t.device) if t.is_cuda else (9, 0)
+
+
+def _has_tensor_cores(t: torch.Tensor) -> bool:
+    """sm_80 or newer: the attention kernels use mma.sync m16n8k16 (bf16 needs sm_80)."""
+    return _capability(t) >= (8, 0)
+
+
 def _attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> bool:
     return (
         dropout_p == 0.0
@@ -106,6 +123,7 @@ def _attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
         and k.shape[2:] == q.shape[2:]  # equal lengths: the causal mask is the plain triangle
         and q.shape[1] % k.shape[1] == 0
         and q.numel() > 0
+        and _has_tensor_cores(q)
     )
 
 

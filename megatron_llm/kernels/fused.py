@@ -60,13 +60,20 @@ class RMSNormFunction(torch.autograd.Function):
         return dx.view(dy.shape), dweight.to(weight.dtype), None
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t contiguous and 16-byte aligned, as the attention kernels read it (a copy only for a view
+    that starts mid-row)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 class CausalAttentionFunction(torch.autograd.Function):
     """Saves q, k, v, the output and the log-sum-exp; backward recomputes the probabilities."""
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: (batch, heads, seq, head_dim); k, v: (batch, kv_heads, seq, head_dim)
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q, k, v = _aligned(q), _aligned(k), _aligned(v)
         out, lse = ext.attention_forward(q, k, v)  # lse: (batch, heads, seq) fp32
         ctx.save_for_backward(q, k, v, out, lse)
         return out
@@ -74,4 +81,4 @@ class CausalAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor, ...]:
         q, k, v, out, lse = ctx.saved_tensors
-        return tuple(ext.attention_backward(dout.contiguous(), q, k, v, out, lse))
+        return tuple(ext.attention_backward(_aligned(dout), q, k, v, out, lse))
