@@ -67,6 +67,8 @@ __global__ void __launch_bounds__(1024)
                               const float* __restrict__ rstd, T* __restrict__ dx,
                               float* __restrict__ dweight_partial,
                               float* __restrict__ dbias_partial, int64_t rows, int hidden) {
+  // As in rmsnorm.cu: above 8 items the second pass reads x and dy again rather than spill.
+  constexpr bool kKeep = ITEMS <= 8;
   __shared__ float scratch[32];
   float dweight_acc[ITEMS];
   float dbias_acc[ITEMS];
@@ -78,24 +80,28 @@ __global__ void __launch_bounds__(1024)
     const T* dyr = dy + row * hidden;
     const float mu = mean[row];
     const float rs = rstd[row];
-    float xhat[ITEMS];
-    float g[ITEMS];
+    float xhat[kKeep ? ITEMS : 1];
+    float g[kKeep ? ITEMS : 1];
     float sum_g = 0.0f;
     float sum_g_xhat = 0.0f;
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int c = threadIdx.x + i * blockDim.x;
-      xhat[i] = 0.0f;
-      g[i] = 0.0f;
+      float xh = 0.0f;
+      float gi = 0.0f;
       if (c < hidden) {
         const float d = to_float(dyr[c]);
-        xhat[i] = (to_float(xr[c]) - mu) * rs;
-        g[i] = d * weight[c];
-        dweight_acc[i] += d * xhat[i];
+        xh = (to_float(xr[c]) - mu) * rs;
+        gi = d * weight[c];
+        dweight_acc[i] += d * xh;
         dbias_acc[i] += d;
       }
-      sum_g += g[i];
-      sum_g_xhat += g[i] * xhat[i];
+      sum_g += gi;
+      sum_g_xhat += gi * xh;
+      if constexpr (kKeep) {
+        xhat[i] = xh;
+        g[i] = gi;
+      }
     }
     const float mean_g = block_sum(sum_g, scratch) / hidden;
     const float mean_g_xhat = block_sum(sum_g_xhat, scratch) / hidden;
@@ -103,7 +109,17 @@ __global__ void __launch_bounds__(1024)
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int c = threadIdx.x + i * blockDim.x;
-      if (c < hidden) dxr[c] = from_float<T>(rs * (g[i] - mean_g - xhat[i] * mean_g_xhat));
+      if (c >= hidden) continue;
+      float xh;
+      float gi;
+      if constexpr (kKeep) {
+        xh = xhat[i];
+        gi = g[i];
+      } else {
+        xh = (to_float(xr[c]) - mu) * rs;
+        gi = to_float(dyr[c]) * weight[c];
+      }
+      dxr[c] = from_float<T>(rs * (gi - mean_g - xh * mean_g_xhat));
     }
   }
 

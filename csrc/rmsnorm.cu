@@ -49,6 +49,10 @@ __global__ void __launch_bounds__(1024)
                             const float* __restrict__ weight, const float* __restrict__ rstd,
                             T* __restrict__ dx, float* __restrict__ dweight_partial,
                             int64_t rows, int hidden) {
+  // Above 8 items a thread cannot hold x-hat and g of its columns as well as its weight-gradient
+  // sums in the 64 registers a 1024-thread block allows: the second pass reads x and dy again
+  // (from L1, where the first pass left them) rather than spilling to local memory.
+  constexpr bool kKeep = ITEMS <= 8;
   __shared__ float scratch[32];
   float dweight_acc[ITEMS];
 #pragma unroll
@@ -58,28 +62,42 @@ __global__ void __launch_bounds__(1024)
     const T* xr = x + row * hidden;
     const T* dyr = dy + row * hidden;
     const float rs = rstd[row];
-    float xhat[ITEMS];
-    float g[ITEMS];
+    float xhat[kKeep ? ITEMS : 1];
+    float g[kKeep ? ITEMS : 1];
     float sum_g_xhat = 0.0f;
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int c = threadIdx.x + i * blockDim.x;
-      xhat[i] = 0.0f;
-      g[i] = 0.0f;
+      float xh = 0.0f;
+      float gi = 0.0f;
       if (c < hidden) {
         const float d = to_float(dyr[c]);
-        xhat[i] = to_float(xr[c]) * rs;
-        g[i] = d * weight[c];
-        dweight_acc[i] += d * xhat[i];
+        xh = to_float(xr[c]) * rs;
+        gi = d * weight[c];
+        dweight_acc[i] += d * xh;
       }
-      sum_g_xhat += g[i] * xhat[i];
+      sum_g_xhat += gi * xh;
+      if constexpr (kKeep) {
+        xhat[i] = xh;
+        g[i] = gi;
+      }
     }
     const float mean_g_xhat = block_sum(sum_g_xhat, scratch) / hidden;
     T* dxr = dx + row * hidden;
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int c = threadIdx.x + i * blockDim.x;
-      if (c < hidden) dxr[c] = from_float<T>(rs * (g[i] - xhat[i] * mean_g_xhat));
+      if (c >= hidden) continue;
+      float xh;
+      float gi;
+      if constexpr (kKeep) {
+        xh = xhat[i];
+        gi = g[i];
+      } else {
+        xh = to_float(xr[c]) * rs;
+        gi = to_float(dyr[c]) * weight[c];
+      }
+      dxr[c] = from_float<T>(rs * (gi - xh * mean_g_xhat));
     }
   }
 
