@@ -6,8 +6,9 @@
 // forward   one block of 4 warps per (batch * head, 64 queries), each warp 16 queries whose Q
 //           fragments stay in registers; keys and values stream through shared memory 64 at a
 //           time, only up to the block's last query (causal). S = Q K^T and O += P V are
-//           tensor-core products; P goes from the accumulators of S straight into the A
-//           fragments of P V, rounded to the input dtype as flash-attention does.
+//           tensor-core products with their K and V fragments from ldmatrix (transposing for
+//           V); P goes from the accumulators of S straight into the A fragments of P V,
+//           rounded to the input dtype as flash-attention does.
 // backward  delta = rowsum(dout * out); then two passes, each owning what it writes, so no
 //           atomics and a deterministic result: dq per query block (as forward: S = Q K^T,
 //           dP = dO V^T, dQ += dS K), and dk, dv per block of 64 keys (K and V fragments in
@@ -39,8 +40,8 @@ constexpr int kBlockQ = 16 * kWarps;  // queries per forward / dq block, 16 per 
 constexpr int kTileK = 64;            // keys per shared-memory tile in forward / dq
 constexpr int kBlockK = 16 * kWarps;  // keys per dk/dv block, 16 per warp
 constexpr int kTileQ = 32;            // queries per shared-memory tile in dk/dv
-constexpr int kPad = 8;               // elements after each shared-memory row: no bank conflicts
-                                      // for the column reads of column_pair
+constexpr int kPad = 8;               // elements after each shared-memory row, so that the 8
+                                      // rows an ldmatrix reads fall in different banks
 
 // ----------------------------------------------------------------------------------------------
 // kernels
@@ -82,40 +83,54 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[D / 16][4], const T* __rest
   }
 }
 
-// acc (16 x 8N) += A (16 x D, fragments) times the first 8N rows of tile, transposed.
+// acc (16 x 8N) += A (16 x D, fragments) times the first 8N rows of tile, transposed. The B
+// fragments of two n-tiles and 16 columns come from one ldmatrix: matrices (rows 8n, 8n + 8) x
+// (columns 16ks, 16ks + 8).
 template <typename T, int D, int N>
 __device__ __forceinline__ void mma_a_tile_t(float (&acc)[N][4], const uint32_t (&a)[D / 16][4],
                                              const T (*tile)[D + kPad]) {
+  static_assert(N % 2 == 0, "an even number of n-tiles");
   const int lane = threadIdx.x % 32;
+  const int matrix = lane / 8;
+  const T* row = &tile[8 * (matrix / 2) + lane % 8][8 * (matrix % 2)];
 #pragma unroll
-  for (int n = 0; n < N; ++n) {
-    const T* row = &tile[n * 8 + lane / 4][2 * (lane % 4)];
+  for (int n = 0; n < N; n += 2) {
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
-      const uint32_t b[2] = {pair(row + ks * 16), pair(row + ks * 16 + 8)};
-      mma_16816<T>(acc[n], a[ks], b);
+      uint32_t b[4];
+      ldmatrix_x4<false>(b, row + n * 8 * (D + kPad) + ks * 16);
+      const uint32_t b0[2] = {b[0], b[1]};
+      const uint32_t b1[2] = {b[2], b[3]};
+      mma_16816<T>(acc[n], a[ks], b0);
+      mma_16816<T>(acc[n + 1], a[ks], b1);
     }
   }
 }
 
 // acc (16 x D) += P (16 x 8N, in the accumulator layout, rounded to T) times the first 8N rows
-// of tile. The accumulators of two n-tiles of P are exactly the A fragment of 16 columns.
+// of tile. The accumulators of two n-tiles of P are exactly the A fragment of 16 columns; the B
+// fragments of 16 rows and two d-tiles come from one transposing ldmatrix: matrices (rows 16j,
+// 16j + 8) x (columns 8dt, 8dt + 8).
 template <typename T, int D, int N>
 __device__ __forceinline__ void mma_p_tile(float (&acc)[D / 8][4], const float (&p)[N][4],
                                            const T (*tile)[D + kPad]) {
   static_assert(N % 2 == 0, "P must have a multiple of 16 columns");
   const int lane = threadIdx.x % 32;
+  const int matrix = lane / 8;
+  const T* row = &tile[8 * (matrix % 2) + lane % 8][8 * (matrix / 2)];
 #pragma unroll
   for (int j = 0; j < N / 2; ++j) {
     const uint32_t a[4] = {pack<T>(p[2 * j][0], p[2 * j][1]), pack<T>(p[2 * j][2], p[2 * j][3]),
                            pack<T>(p[2 * j + 1][0], p[2 * j + 1][1]),
                            pack<T>(p[2 * j + 1][2], p[2 * j + 1][3])};
-    const T* col = &tile[16 * j + 2 * (lane % 4)][lane / 4];
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      const uint32_t b[2] = {column_pair(col + dt * 8, D + kPad),
-                             column_pair(col + dt * 8 + 8 * (D + kPad), D + kPad)};
-      mma_16816<T>(acc[dt], a, b);
+    for (int dt = 0; dt < D / 8; dt += 2) {
+      uint32_t b[4];
+      ldmatrix_x4<true>(b, row + 16 * j * (D + kPad) + dt * 8);
+      const uint32_t b0[2] = {b[0], b[1]};
+      const uint32_t b1[2] = {b[2], b[3]};
+      mma_16816<T>(acc[dt], a, b0);
+      mma_16816<T>(acc[dt + 1], a, b1);
     }
   }
 }

@@ -8,8 +8,9 @@
 //                           a[2] = (g, 2t+8..2t+9)  a[3] = (g+8, 2t+8..2t+9)
 //   B (16 x 8, k x n):      b[0] = (2t..2t+1, g)    b[1] = (2t+8..2t+9, g)
 //   C, D (16 x 8, fp32):    d[0..1] = (g, 2t..2t+1) d[2..3] = (g+8, 2t..2t+1)
-// Under the CPU emulator (csrc/emulator/) the op is emu::mma_m16n8k16, which assembles the
-// matrices from the same layouts.
+// ldmatrix (sm_75+) loads those fragments from shared memory, four 8x8 matrices per call.
+// Under the CPU emulator (csrc/emulator/) the ops are emu::mma_m16n8k16 and emu::ldmatrix_x4,
+// which follow the same layouts.
 #pragma once
 
 #include <cstdint>
@@ -38,10 +39,26 @@ __device__ __forceinline__ uint32_t pair(const T* p) {
   return *reinterpret_cast<const uint32_t*>(p);
 }
 
-// p[0] and p[stride] in one register.
-template <typename T>
-__device__ __forceinline__ uint32_t column_pair(const T* p, int stride) {
-  return bits16(p[0]) | (bits16(p[stride]) << 16);
+// Four 8x8 matrices of 16-bit elements from shared memory: lane l gives the address of row
+// l % 8 of matrix l / 8 (16-byte aligned), and r[i] receives matrix i's fragment: elements
+// (l / 4, 2 * (l % 4)) and (l / 4, 2 * (l % 4) + 1), or with TRANS those of the transpose,
+// (2 * (l % 4), l / 4) and (2 * (l % 4) + 1, l / 4).
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row_address) {
+#if defined(MLLM_EMULATOR)
+  emu::ldmatrix_x4(r, row_address, TRANS);
+#elif defined(__CUDA_ARCH__)
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(row_address));
+  if constexpr (TRANS) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+  }
+#endif
 }
 
 // d += A * B.

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -65,9 +66,14 @@ _SIGNATURES = {  # csrc/emulator/capi.cpp
 }
 
 
+SHARED = re.compile(r"^(\s*)__shared__\s+([^;]*?)\b(\w+)((?:\[[^\]]*\])+)\s*;", re.MULTILINE)
+
+
 def rewrite_launches(text: str, name: str) -> str:
-    """`k<T, N><<<cfg>>>(args)` -> `::emu::Launch(cfg)([&](auto&&... a) { k<T, N>(a...); }, args)`.
+    """`k<T, N><<<cfg>>>(args)` -> `::emu::Launch(cfg)([&](auto&&... a) { k<T, N>(a...); }, args)`,
+    and `__shared__ T a[N];` -> `static T a[N]; ::emu::shared_region(a, sizeof a);` (emu.h).
     Lines are kept, and a #line directive names the original file for errors and __FILE__."""
+    text = SHARED.sub(r"\1static \2\3\4; ::emu::shared_region(\3, sizeof \3);", text)
     out = [f'#line 1 "csrc/{name}"\n']
     pos = 0
     while (open_at := text.find("<<<", pos)) >= 0:

@@ -26,6 +26,7 @@ from megatron_llm import kernels
 from megatron_llm.kernels import fused, reference
 from megatron_llm.model import GPT, ModelConfig
 from tests.kernel_emulator import (
+    CSRC,
     CXX,
     SCHEDULES,
     EmulatedExtension,
@@ -129,6 +130,17 @@ def test_the_emulated_tensor_core_op_multiplies(emulator):
     assert torch.equal(out.view(16, 8), a @ b)
 
 
+def test_the_emulated_ldmatrix_hands_out_the_documented_fragments(emulator):
+    m = torch.arange(256.0).view(16, 16)  # exact in fp16
+    out = emulator.fault("ldmatrix", m.flatten(), 512).view(2, 32, 4, 2)
+    for lane in range(32):
+        for i in range(4):
+            for half in range(2):
+                plain = m[8 * (i % 2) + lane // 4, 8 * (i // 2) + 2 * (lane % 4) + half]
+                trans = m[8 * (i % 2) + 2 * (lane % 4) + half, 8 * (i // 2) + lane // 4]
+                assert out[0, lane, i, half] == plain and out[1, lane, i, half] == trans
+
+
 def test_unwritten_output_is_reported():
     buf = _Guarded((4,), torch.float32)
     buf.view[:3] = 1.0
@@ -139,7 +151,10 @@ def test_unwritten_output_is_reported():
 
 
 def test_launch_rewrite_keeps_lines_and_template_arguments():
-    src = "x;\nfoo<T, N><<<grid,\n  256, 0, s>>>(a, b);\nbar<<<1, 32>>>();\n"
+    src = (
+        "  __shared__ __align__(16) T k_tile[kTileK][D + kPad];\n"
+        "x;\nfoo<T, N><<<grid,\n  256, 0, s>>>(a, b);\nbar<<<1, 32>>>();\n"
+    )
     out = rewrite_launches(src, "k.cu")
     assert out.startswith('#line 1 "csrc/k.cu"\n')
     body = out.split("\n", 1)[1]
@@ -147,6 +162,16 @@ def test_launch_rewrite_keeps_lines_and_template_arguments():
     launch = "::emu::Launch(grid,\n  256, 0, s)"
     assert launch + "([&](auto&&... emu_args_) { foo<T, N>(emu_args_...); }, a, b);" in body
     assert "{ bar(emu_args_...); });" in body
+    shared = "  static __align__(16) T k_tile[kTileK][D + kPad];"
+    assert body.startswith(shared + " ::emu::shared_region(k_tile, sizeof k_tile);\n")
+
+
+@pytest.mark.parametrize("path", sorted([*CSRC.glob("*.cu"), *CSRC.glob("*.cuh")]), ids=str)
+def test_every_shared_array_of_csrc_is_known_to_the_emulator(path):
+    # Only arrays the rewrite registers are poisoned before each block (csrc/emulator/emu.h).
+    declared = path.read_text().count("__shared__")
+    rewritten = rewrite_launches(path.read_text(), path.name)
+    assert rewritten.count("::emu::shared_region(") == declared
 
 
 # ------------------------------------------------------------------------------------------------

@@ -22,11 +22,6 @@ uint3 blockIdx{0, 0, 0};
 dim3 blockDim;
 dim3 gridDim;
 
-// The bounds of the emu_shared section (every __shared__ variable), from the linker. Weak: a
-// library without shared memory has no such section.
-extern "C" char __start_emu_shared[] __attribute__((weak));
-extern "C" char __stop_emu_shared[] __attribute__((weak));
-
 namespace {
 
 cudaError_t last_error = cudaSuccess;
@@ -81,6 +76,7 @@ struct Block {
 };
 
 Block block;
+std::vector<std::pair<char*, size_t>> shared_regions;  // every __shared__ array met so far
 unsigned schedule = 0;
 bool warps_apart = false;
 
@@ -253,9 +249,7 @@ void check_barrier(const dim3& b, unsigned threads, unsigned live) {
 }
 
 void run_block(const dim3& b, unsigned threads, unsigned salt) {
-  if (__start_emu_shared != nullptr) {
-    std::memset(__start_emu_shared, 0xff, __stop_emu_shared - __start_emu_shared);
-  }
+  for (const auto& [p, bytes] : shared_regions) std::memset(p, 0xff, bytes);
   block.fibers_in_use = threads;
   for (unsigned t = 0; t < threads; ++t) {
     Fiber& f = block.fibers[t];
@@ -377,6 +371,40 @@ void warp_collective(const char* op, const void* mine, size_t bytes, void* all) 
   self->bytes = bytes;
   self->all = all;
   yield();
+}
+
+void shared_region(void* p, size_t bytes) {
+  char* start = static_cast<char*>(p);
+  for (const auto& region : shared_regions) {
+    if (region.first == start) return;
+  }
+  shared_regions.emplace_back(start, bytes);
+  std::memset(start, 0xff, bytes);
+}
+
+void ldmatrix_x4(uint32_t (&r)[4], const void* row_address, bool trans) {
+  const char* p = static_cast<const char*>(row_address);
+  bool in_shared = false;
+  for (const auto& [start, bytes] : shared_regions) {
+    in_shared |= p >= start && p + 16 <= start + bytes;
+  }
+  if (!in_shared || reinterpret_cast<uintptr_t>(p) % 16 != 0) {
+    throw std::runtime_error("emulator: ldmatrix: " + thread_name(*block.current) +
+                             " gave an address that is not 16-byte aligned shared memory");
+  }
+  const void* rows[32];
+  warp_collective(trans ? "ldmatrix.x4.trans" : "ldmatrix.x4", &row_address, sizeof row_address,
+                  rows);
+  const int lane = lane_id();
+  for (int i = 0; i < 4; ++i) {
+    uint16_t e[2];
+    for (int j = 0; j < 2; ++j) {
+      const int row = trans ? 2 * (lane % 4) + j : lane / 4;
+      const int col = trans ? lane / 4 : 2 * (lane % 4) + j;
+      std::memcpy(&e[j], static_cast<const char*>(rows[8 * i + row]) + 2 * col, 2);
+    }
+    r[i] = static_cast<uint32_t>(e[0]) | (static_cast<uint32_t>(e[1]) << 16);
+  }
 }
 
 uint64_t shuffle(unsigned mask, uint64_t bits, int src_lane, const char* op) {

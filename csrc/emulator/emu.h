@@ -44,10 +44,13 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-// Shared memory is static storage in a section of its own, which the scheduler fills with 0xff
-// bytes (a NaN in every float type) before each block: a read of shared memory no thread of the
-// block wrote shows up as NaN, as garbage would on a GPU.
-#define __shared__ static __attribute__((section("emu_shared")))
+// Shared memory is static storage. tests/kernel_emulator.py rewrites each `__shared__` array
+// declaration into a static one followed by emu::shared_region(name, sizeof name), which makes
+// the array known to the scheduler; it fills every known array with 0xff bytes (a NaN in every
+// float type) before each block, so a read of shared memory no thread of the block wrote shows up
+// as NaN, as garbage would on a GPU. (A section attribute would do it without the rewrite, but
+// g++ ignores it on the static locals of templates.)
+#define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
 #define MLLM_EMULATOR 1  // csrc/mma.cuh takes the emulator's tensor-core op below
 
@@ -196,6 +199,9 @@ T from_bits(uint64_t bits) {
   return v;
 }
 
+// Registers a __shared__ array (see above); the first call poisons it.
+void shared_region(void* p, size_t bytes);
+
 // A warp-wide operation (mma.sync): every lane of a full warp hands in `bytes` bytes at `mine`
 // and receives all 32 lanes' contributions, lane by lane, at `all` (32 * bytes).
 void warp_collective(const char* op, const void* mine, size_t bytes, void* all);
@@ -250,6 +256,12 @@ float half_bits_to_float(uint16_t bits) {
     return __bfloat162float(h);
   }
 }
+
+// ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16: lane l hands in the address of row l % 8 of
+// matrix l / 8; r[i] receives matrix i's elements (l / 4, 2 * (l % 4) + {0, 1}), or with
+// `trans` (2 * (l % 4) + {0, 1}, l / 4), the lower-numbered one in the low half. The addresses
+// must be 16-byte aligned and in shared memory (emu.cpp).
+void ldmatrix_x4(uint32_t (&r)[4], const void* row_address, bool trans);
 
 // d += A * B for the warp's 16x16 A and 16x8 B, distributed over the lanes as the PTX ISA lays
 // out the fragments of mma.m16n8k16 (groupID = lane / 4, t = lane % 4; a register's lower half

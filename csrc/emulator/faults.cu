@@ -103,6 +103,31 @@ __global__ void mma_kernel(const float* in, float* out) {
   for (int i = 0; i < 4; ++i) out[(g + 8 * (i / 2)) * 8 + 2 * t + i % 2] = d[i];
 }
 
+// The fragments ldmatrix gives each lane, plain then transposed, of the 16x16 matrix in (fp32
+// in, loaded as fp16): matrix i of the four is rows 8 * (i % 2) and columns 8 * (i / 2) on.
+// out[((t * 32 + lane) * 4 + i) * 2 + half], t = 0 plain, 1 transposed. Not a fault either.
+__global__ void ldmatrix_kernel(const float* in, float* out) {
+  __shared__ __align__(16) __half tile[16][16 + 8];
+  for (int e = threadIdx.x; e < 256; e += 32) tile[e / 16][e % 16] = __float2half_rn(in[e]);
+  __syncthreads();
+  const int lane = threadIdx.x;
+  const int matrix = lane / 8;
+  const __half* row = &tile[8 * (matrix % 2) + lane % 8][8 * (matrix / 2)];
+  uint32_t r[2][4];
+  mllm::ldmatrix_x4<false>(r[0], row);
+  mllm::ldmatrix_x4<true>(r[1], row);
+  for (int t = 0; t < 2; ++t) {
+    for (int i = 0; i < 4; ++i) {
+      for (int half = 0; half < 2; ++half) {
+        const uint16_t bits = static_cast<uint16_t>(r[t][i] >> (16 * half));
+        __half h;
+        memcpy(&h, &bits, sizeof h);
+        out[((t * 32 + lane) * 4 + i) * 2 + half] = __half2float(h);
+      }
+    }
+  }
+}
+
 // A tensor-core op, which needs the whole warp, in a block of 16 threads.
 __global__ void partial_warp_mma_kernel(float* out) {
   const uint32_t a[4] = {0, 0, 0, 0};
@@ -136,6 +161,8 @@ void run_fault_kernel(const std::string& name, const float* in, float* out, int 
     write_past_end_kernel<<<(n + kThreads) / kThreads, kThreads>>>(in, out, n);
   } else if (name == "mma") {
     mma_kernel<<<1, 32>>>(in, out);
+  } else if (name == "ldmatrix") {
+    ldmatrix_kernel<<<1, 32>>>(in, out);
   } else if (name == "partial_warp_mma") {
     partial_warp_mma_kernel<<<1, 16>>>(out);
   } else if (name == "too_many_threads") {
