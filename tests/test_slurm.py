@@ -128,6 +128,14 @@ def test_srun_task_variables_become_rank_variables():
         ranks.discover({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", ranks.RANKS_FROM: "slurm"})
 
 
+def test_ranks_of_a_node_share_its_cores(monkeypatch):
+    monkeypatch.setattr(ranks.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert ranks.cpu_threads({"LOCAL_SIZE": "8"}) == 2
+    assert ranks.cpu_threads({"LOCAL_SIZE": "32"}) == 1  # never 0
+    assert ranks.cpu_threads({}) == 16  # a single process takes them all
+    assert ranks.cpu_threads({"LOCAL_SIZE": "4", "OMP_NUM_THREADS": "3"}) is None  # user's choice
+
+
 def _report(rank, host, code="abc", gpus=0, local_rank=0):
     return dict(
         rank=rank,

@@ -102,3 +102,19 @@ def discover(env: MutableMapping[str, str] | None = None) -> str:
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         env.setdefault(name, value)
     return "single process"
+
+
+def cpu_threads(env: MutableMapping[str, str] | None = None) -> int | None:
+    """Intra-op CPU threads for this rank: the cores this process may use, shared by the node's
+    ranks (LOCAL_SIZE, which every launcher path above sets), as torchrun does. Without it each
+    rank takes every core: ranks oversubscribe the node, and under load the math libraries may
+    use fewer threads than asked, which changes how sums are split and so the last bits of a
+    loss. None when OMP_NUM_THREADS is set: the user's choice stands."""
+    env = os.environ if env is None else env
+    if env.get("OMP_NUM_THREADS"):
+        return None
+    try:
+        local = max(1, int(env.get("LOCAL_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, len(os.sched_getaffinity(0)) // local)

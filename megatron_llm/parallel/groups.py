@@ -103,9 +103,12 @@ def init_distributed(timeout_minutes: float) -> None:
 
     if dist.is_initialized():
         return
-    from megatron_llm.cluster.ranks import discover
+    from megatron_llm.cluster.ranks import cpu_threads, discover
 
     discover(os.environ)  # srun tasks and mpirun ranks: RANK etc. from Slurm or mpi4py
+    threads = cpu_threads(os.environ)
+    if threads is not None:
+        torch.set_num_threads(threads)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     from deepspeed.accelerator import get_accelerator
