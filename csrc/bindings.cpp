@@ -185,6 +185,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   return {dq, dk, dv};
 }
 
+// probes.cu: in (384 fp32) -> out (128 fp32); `bf16` picks the operand type.
+at::Tensor probe_mma(const at::Tensor& in, bool bf16) {
+  TORCH_CHECK(in.is_cuda() && in.scalar_type() == at::kFloat && in.is_contiguous() &&
+                  in.numel() == 16 * 16 + 16 * 8,
+              "probe_mma: in must be a contiguous CUDA fp32 tensor of 384 elements (A then B)");
+  const c10::cuda::CUDAGuard guard(in.device());
+  at::Tensor out = at::empty({16, 8}, in.options());
+  mllm::probe_mma(in.data_ptr<float>(), out.data_ptr<float>(),
+                  bf16 ? mllm::DType::kBFloat16 : mllm::DType::kFloat16, stream());
+  return out;
+}
+
+// probes.cu: in (16x16 fp32) -> out (2, 32, 4, 2): each lane's ldmatrix fragments.
+at::Tensor probe_ldmatrix(const at::Tensor& in) {
+  TORCH_CHECK(in.is_cuda() && in.scalar_type() == at::kFloat && in.is_contiguous() &&
+                  in.numel() == 256,
+              "probe_ldmatrix: in must be a contiguous CUDA fp32 tensor of 256 elements");
+  const c10::cuda::CUDAGuard guard(in.device());
+  at::Tensor out = at::empty({2, 32, 4, 2}, in.options());
+  mllm::probe_ldmatrix(in.data_ptr<float>(), out.data_ptr<float>(), stream());
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -196,4 +219,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rmsnorm_backward", &rmsnorm_backward, "dy, x, weight, rstd -> dx, dweight (fp32)");
   m.def("attention_forward", &attention_forward, "q, k, v -> out, lse (causal)");
   m.def("attention_backward", &attention_backward, "dout, q, k, v, out, lse -> dq, dk, dv");
+  m.def("probe_mma", &probe_mma, "A then B (384 fp32), bf16 -> A B (16x8 fp32) via mma.sync");
+  m.def("probe_ldmatrix", &probe_ldmatrix, "16x16 fp32 -> each lane's ldmatrix fragments");
 }

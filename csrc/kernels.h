@@ -62,4 +62,10 @@ void attention_backward(const void* q, const void* k, const void* v, const void*
                         float* delta, int batch, int heads, int kv_heads, int seq, int head_dim,
                         DType dtype, cudaStream_t stream);
 
+// probes.cu: one warp's mma.sync m16n8k16 (in: A 16x16 then B 16x8, fp32 row-major, rounded
+// to `dtype`; out: the 16x8 fp32 product) and ldmatrix x4 (in: a 16x16 matrix; out: 512 floats,
+// each lane's fragments, plain then transposed). For the tests of the fragment layouts.
+void probe_mma(const float* in, float* out, DType dtype, cudaStream_t stream);
+void probe_ldmatrix(const float* in, float* out, cudaStream_t stream);
+
 }  // namespace mllm

@@ -63,6 +63,8 @@ _SIGNATURES = {  # csrc/emulator/capi.cpp
     "mllm_emu_attention_forward": [_P] * 5 + [_I] * 6,
     "mllm_emu_attention_backward": [_P] * 10 + [_I] * 6,
     "mllm_emu_fault": [ctypes.c_char_p, _P, _P, _I],
+    "mllm_emu_probe_mma": [_P, _P, _I],
+    "mllm_emu_probe_ldmatrix": [_P, _P],
 }
 
 
@@ -345,6 +347,21 @@ class EmulatedExtension:
         outs = {"dq": dq, "dk": dk, "dv": dv, "delta": delta}
         self._run("attention_backward", args, outs, ins)
         return dq.view.clone(), dk.view.clone(), dv.view.clone()
+
+    def probe_mma(self, x, bf16):
+        if x.dtype != torch.float32 or x.numel() != 16 * 16 + 16 * 8:
+            raise ValueError("probe_mma: in must be fp32 of 384 elements (A then B)")
+        gx, out = _Guarded(x.shape, torch.float32, x), _Guarded((16, 8), torch.float32)
+        dtype = DTYPES[torch.bfloat16 if bf16 else torch.float16]
+        self._run("probe_mma", [gx.ptr, out.ptr, dtype], {"out": out}, [gx])
+        return out.view.clone()
+
+    def probe_ldmatrix(self, x):
+        if x.dtype != torch.float32 or x.numel() != 256:
+            raise ValueError("probe_ldmatrix: in must be fp32 of 256 elements")
+        gx, out = _Guarded(x.shape, torch.float32, x), _Guarded((2, 32, 4, 2), torch.float32)
+        self._run("probe_ldmatrix", [gx.ptr, out.ptr], {"out": out}, [gx])
+        return out.view.clone()
 
     # -- the emulator's own tests (csrc/emulator/faults.cu) -----------------------------------
 

@@ -25,6 +25,7 @@ import torch
 from megatron_llm import kernels
 from megatron_llm.kernels import fused, reference
 from megatron_llm.model import GPT, ModelConfig
+from tests import tensor_core_layouts
 from tests.kernel_emulator import (
     CSRC,
     CXX,
@@ -120,25 +121,15 @@ def test_the_emulator_reports_a_fault(emulator, fault, numel, error, message):
         emulator.fault(fault, torch.ones(numel), numel)
 
 
-def test_the_emulated_tensor_core_op_multiplies(emulator):
-    # The fragment layouts of csrc/mma.cuh, as the kernel of faults.cu loads them, and the
-    # emulator's mma.sync agree: out = A B for fp16-exact A and B.
-    torch.manual_seed(0)
-    a = torch.randint(-8, 8, (16, 16)).float() / 4
-    b = torch.randint(-8, 8, (16, 8)).float() / 4
-    out = emulator.fault("mma", torch.cat([a.flatten(), b.flatten()]), 128)
-    assert torch.equal(out.view(16, 8), a @ b)
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_emulated_tensor_core_op_multiplies(emulator, bf16):
+    # csrc/probes.cu loads fragments by the layouts of csrc/mma.cuh; the emulated mma.sync
+    # assembles the matrices by its own copy of them. The GPU tier runs the same check.
+    tensor_core_layouts.check_mma(emulator, "cpu", bf16)
 
 
 def test_the_emulated_ldmatrix_hands_out_the_documented_fragments(emulator):
-    m = torch.arange(256.0).view(16, 16)  # exact in fp16
-    out = emulator.fault("ldmatrix", m.flatten(), 512).view(2, 32, 4, 2)
-    for lane in range(32):
-        for i in range(4):
-            for half in range(2):
-                plain = m[8 * (i % 2) + lane // 4, 8 * (i // 2) + 2 * (lane % 4) + half]
-                trans = m[8 * (i % 2) + 2 * (lane % 4) + half, 8 * (i // 2) + lane // 4]
-                assert out[0, lane, i, half] == plain and out[1, lane, i, half] == trans
+    tensor_core_layouts.check_ldmatrix(emulator, "cpu")
 
 
 def test_unwritten_output_is_reported():

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from megatron_llm import kernels
 from megatron_llm.kernels import fused, reference
 from megatron_llm.model import GPT, ModelConfig
+from tests import tensor_core_layouts
 
 
 def acc(t: torch.Tensor) -> torch.Tensor:
@@ -493,6 +494,17 @@ def test_gpu_attention_saves_the_log_sum_exp_and_is_deterministic():
     second = fused.ext.attention_backward(dout, q, k, v, out, lse)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_tensor_core_layouts_are_the_emulators():
+    # The hardware's mma.sync and ldmatrix against the layouts the kernels (and the CPU
+    # emulator, tests/test_kernel_emulator.py) assume. If this fails, so will the attention
+    # parity, and the emulator's model in csrc/emulator/emu.h is wrong too.
+    tensor_core_layouts.check_mma(fused.ext, "cuda", bf16=False)
+    tensor_core_layouts.check_mma(fused.ext, "cuda", bf16=True)
+    tensor_core_layouts.check_ldmatrix(fused.ext, "cuda")
 
 
 @pytest.mark.gpu

@@ -95,6 +95,14 @@ int mllm_emu_attention_backward(const void* q, const void* k, const void* v, con
   });
 }
 
+int mllm_emu_probe_mma(const float* in, float* out, int dtype_tag) {
+  return guarded([&] { mllm::probe_mma(in, out, dtype(dtype_tag), nullptr); });
+}
+
+int mllm_emu_probe_ldmatrix(const float* in, float* out) {
+  return guarded([&] { mllm::probe_ldmatrix(in, out, nullptr); });
+}
+
 }  // extern "C"
 
 // faults.cu: the emulator's own tests.

@@ -1,6 +1,7 @@
 // Kernels with deliberate faults, for the emulator's own tests (tests/test_kernel_emulator.py):
 // each must be caught, or the emulator's passing verdict on csrc/ would mean nothing. Valid
-// CUDA (csrc/check_compile.sh compiles it too); never built into the extension.
+// CUDA (csrc/check_compile.sh compiles it too); never built into the extension. (The probes of
+// mma.sync and ldmatrix, which are not faults, are in csrc/probes.cu.)
 
 #include <cuda_runtime.h>
 
@@ -83,51 +84,6 @@ __global__ void two_sums_kernel(const float* in, float* out, bool reuse_guard) {
   out[threadIdx.x] = a + b;
 }
 
-// out (16 x 8) = A (16 x 16) times B (16 x 8), with in = A then B row-major in fp32, through
-// one tensor-core op whose fragments each lane loads by the layouts of mma.cuh. Not a fault:
-// the check that the emulated op and those layouts agree.
-__global__ void mma_kernel(const float* in, float* out) {
-  const float* a = in;
-  const float* b = in + 16 * 16;
-  const int g = threadIdx.x / 4;
-  const int t = threadIdx.x % 4;
-  const uint32_t af[4] = {
-      mllm::pack<__half>(a[g * 16 + 2 * t], a[g * 16 + 2 * t + 1]),
-      mllm::pack<__half>(a[(g + 8) * 16 + 2 * t], a[(g + 8) * 16 + 2 * t + 1]),
-      mllm::pack<__half>(a[g * 16 + 2 * t + 8], a[g * 16 + 2 * t + 9]),
-      mllm::pack<__half>(a[(g + 8) * 16 + 2 * t + 8], a[(g + 8) * 16 + 2 * t + 9])};
-  const uint32_t bf[2] = {mllm::pack<__half>(b[(2 * t) * 8 + g], b[(2 * t + 1) * 8 + g]),
-                          mllm::pack<__half>(b[(2 * t + 8) * 8 + g], b[(2 * t + 9) * 8 + g])};
-  float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  mllm::mma_16816<__half>(d, af, bf);
-  for (int i = 0; i < 4; ++i) out[(g + 8 * (i / 2)) * 8 + 2 * t + i % 2] = d[i];
-}
-
-// The fragments ldmatrix gives each lane, plain then transposed, of the 16x16 matrix in (fp32
-// in, loaded as fp16): matrix i of the four is rows 8 * (i % 2) and columns 8 * (i / 2) on.
-// out[((t * 32 + lane) * 4 + i) * 2 + half], t = 0 plain, 1 transposed. Not a fault either.
-__global__ void ldmatrix_kernel(const float* in, float* out) {
-  __shared__ __align__(16) __half tile[16][16 + 8];
-  for (int e = threadIdx.x; e < 256; e += 32) tile[e / 16][e % 16] = __float2half_rn(in[e]);
-  __syncthreads();
-  const int lane = threadIdx.x;
-  const int matrix = lane / 8;
-  const __half* row = &tile[8 * (matrix % 2) + lane % 8][8 * (matrix / 2)];
-  uint32_t r[2][4];
-  mllm::ldmatrix_x4<false>(r[0], row);
-  mllm::ldmatrix_x4<true>(r[1], row);
-  for (int t = 0; t < 2; ++t) {
-    for (int i = 0; i < 4; ++i) {
-      for (int half = 0; half < 2; ++half) {
-        const uint16_t bits = static_cast<uint16_t>(r[t][i] >> (16 * half));
-        __half h;
-        memcpy(&h, &bits, sizeof h);
-        out[((t * 32 + lane) * 4 + i) * 2 + half] = __half2float(h);
-      }
-    }
-  }
-}
-
 // A tensor-core op, which needs the whole warp, in a block of 16 threads.
 __global__ void partial_warp_mma_kernel(float* out) {
   const uint32_t a[4] = {0, 0, 0, 0};
@@ -159,10 +115,6 @@ void run_fault_kernel(const std::string& name, const float* in, float* out, int 
     barrier_after_return_kernel<<<1, kThreads>>>(in, out, n);
   } else if (name == "write_past_end") {
     write_past_end_kernel<<<(n + kThreads) / kThreads, kThreads>>>(in, out, n);
-  } else if (name == "mma") {
-    mma_kernel<<<1, 32>>>(in, out);
-  } else if (name == "ldmatrix") {
-    ldmatrix_kernel<<<1, 32>>>(in, out);
   } else if (name == "partial_warp_mma") {
     partial_warp_mma_kernel<<<1, 16>>>(out);
   } else if (name == "too_many_threads") {
