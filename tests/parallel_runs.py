@@ -106,6 +106,47 @@ def dropout_streams() -> dict:
     }
 
 
+def meta_shards(overrides: list[str]) -> dict:
+    """This rank's shards built as training builds them (meta, sharded, then filled from whole
+    values one at a time) and as a whole model sharded: both, and what materialize was handed."""
+    from megatron_llm.config import load_config
+    from megatron_llm.model import GPT
+    from megatron_llm.model.gpt import init_values, parameters_on_meta
+    from megatron_llm.parallel.groups import build_context
+    from megatron_llm.parallel.shard import materialize, shard_model
+    from megatron_llm.training.loop import seed_everything
+
+    cfg = load_config(None, BASE + overrides)
+    ctx = build_context(cfg.parallel)
+    sp = cfg.parallel.sequence_parallel
+    seed_everything(cfg.train.seed)
+    seeded = torch.get_rng_state()
+    whole = shard_model(GPT(cfg.model, VOCAB), ctx, sequence_parallel=sp, seed=cfg.train.seed)
+    rng_untouched = torch.equal(seeded, torch.get_rng_state())
+    seed_everything(cfg.train.seed)
+    with parameters_on_meta():
+        meta = GPT(cfg.model, VOCAB)
+    shapes = [(name, p.shape) for name, p in meta.named_parameters()]
+    meta = shard_model(meta, ctx, sequence_parallel=sp, seed=cfg.train.seed)
+    largest = 0
+
+    def values():
+        nonlocal largest
+        for name, value in init_values(cfg.model, shapes, cfg.train.seed):
+            largest = max(largest, value.numel())
+            yield name, value
+
+    materialize(meta, values(), ctx, "test")
+    return {
+        "whole": {n: p.detach().numpy().copy() for n, p in whole.named_parameters()},
+        "meta": {n: p.detach().numpy().copy() for n, p in meta.named_parameters()},
+        "shard_numel": sum(p.numel() for p in meta.parameters()),
+        "whole_numel": sum(s.numel() for _, s in shapes),
+        "largest_value": largest,
+        "rng_untouched": rng_untouched and torch.equal(seeded, torch.get_rng_state()),
+    }
+
+
 def train_layout(overrides: list[str], measure_memory: bool = False) -> dict:
     """20 steps on a fixed token stream: losses, grad norms, step-1 gradients of my shards."""
     from deepspeed.utils import safe_get_full_grad

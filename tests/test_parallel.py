@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.distributed import run_on_ranks
-from tests.parallel_runs import dropout_streams, layout, train_layouts
+from tests.parallel_runs import dropout_streams, layout, meta_shards, train_layouts
 
 BF16_STEPS = "10"
 REFERENCE = {
@@ -165,3 +165,20 @@ def test_dropout_streams_under_tensor_parallelism():
     assert (a["split"] != b["split"]).mean() > 0.3  # independent masks differ in ~half the places
     assert (a["split"] != a["replicated"]).mean() > 0.3
     np.testing.assert_array_equal(a["residual"], b["residual"])
+
+
+def test_training_fills_its_shards_without_building_the_whole_model():
+    # Training builds on the meta device, shards there, and fills each rank's slices from whole
+    # values one at a time: the same weights as sharding a whole model, and never the whole
+    # model on one rank (only its shard, plus one whole parameter at a time).
+    ranks = run_on_ranks(2, meta_shards, layout("llama", tp=2, sp=True))
+    for rank in ranks:
+        assert rank["meta"].keys() == rank["whole"].keys()
+        for name, value in rank["whole"].items():
+            np.testing.assert_array_equal(rank["meta"][name], value, err_msg=name)
+        assert rank["shard_numel"] < 0.7 * rank["whole_numel"]
+        assert rank["largest_value"] < 0.3 * rank["whole_numel"]
+        assert rank["rng_untouched"]  # building the model draws nothing from the global stream
+    assert not np.array_equal(
+        ranks[0]["meta"]["blocks.0.attn.q.weight"], ranks[1]["meta"]["blocks.0.attn.q.weight"]
+    )

@@ -179,7 +179,7 @@ def check_compatible(ckpt: io.Checkpoint, config: dict[str, Any], tokenizer_sha2
     """Refuse unsafe config changes on resume (ValueError naming them); print the safe ones.
 
     A weights-only checkpoint (``import-hf``) starts a new run: its data and schedule are this
-    run's own, and ``state.load_weights`` checks the model's names and shapes.
+    run's own, and ``state.checked_weights`` checks the model's names and shapes.
     """
     if not ckpt.has_optimizer:
         return
@@ -213,7 +213,8 @@ def restore(
 ) -> dict[str, Any]:
     """Put the engine where the checkpoint's run was; returns its run state.
 
-    The weights are already in the model (``state.load_weights`` before the engine was built).
+    The weights are already in the model (``state.checked_weights`` into ``shard.materialize``,
+    each rank reading only its slices, before the engine was built).
     Weights only (``import-hf`` checkpoints, ``checkpoint.init_from``): a new run at step 0 with
     a fresh optimizer, schedule and data position.
     """

@@ -123,25 +123,35 @@ def gather_state(
             yield (names or {}).get(name, name), whole
 
 
-def load_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
-    """Copy whole fp32 tensors into a not-yet-sharded model, checking names and shapes."""
-    params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(tensors))
-    unexpected = sorted(set(tensors) - set(params))
+def checked_weights(
+    shapes: Mapping[str, torch.Size], tensors: Mapping[str, torch.Tensor], source: str
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, whole tensor) in the order of ``shapes`` (the single-device model's parameters),
+    after checking that the names match and, as each is handed out, its shape."""
+    missing = sorted(set(shapes) - set(tensors))
+    unexpected = sorted(set(tensors) - set(shapes))
     if missing or unexpected:
         raise CheckpointError(
             f"{source}: parameters do not match this model (missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}); was it saved with another model config?"
         )
+    for name, shape in shapes.items():
+        value = tensors[name]
+        if tuple(value.shape) != tuple(shape):
+            raise CheckpointError(
+                f"{source}: {name} has shape {tuple(value.shape)}, this model expects "
+                f"{tuple(shape)}"
+            )
+        yield name, value
+
+
+def load_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Copy whole fp32 tensors into a not-yet-sharded model, checking names and shapes."""
+    params = dict(model.named_parameters())
+    shapes = {name: p.shape for name, p in params.items()}
     with torch.no_grad():
-        for name, p in params.items():
-            value = tensors[name]
-            if tuple(value.shape) != tuple(p.shape):
-                raise CheckpointError(
-                    f"{source}: {name} has shape {tuple(value.shape)}, this model expects "
-                    f"{tuple(p.shape)}"
-                )
-            p.copy_(value)
+        for name, value in checked_weights(shapes, tensors, source):
+            params[name].copy_(value)
 
 
 def optimizer_step(engine: Any) -> float:
@@ -176,7 +186,7 @@ def restore_state(
 ) -> None:
     """Set fp32 master weights and AdamW state from whole tensors; every rank calls this.
 
-    The model weights were already loaded before the engine was built (:func:`load_weights`);
+    The model weights were already loaded before the engine was built (:func:`checked_weights`);
     the fp32 masters are set again here because a bf16 run built them from bf16 weights.
     ``tensors[name]`` has "param" and, unless the checkpoint holds weights only, the OPTIM_KEYS;
     ``step`` is AdamW's step count to restore (:func:`optimizer_step` of the saving run).

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -193,42 +194,89 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
+def init_values(
+    cfg: ModelConfig, shapes: Iterable[tuple[str, torch.Size]], seed: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The initial value of each parameter, whole, one at a time, for (name, shape) in the
+    single-device model's order: GPT-2's init, N(0, std) everywhere with the residual output
+    projections scaled by 1/sqrt(2L) so the residual stream's variance does not grow with depth;
+    norms one, biases zero. Drawn from a generator of its own seeded with ``seed``, so the values
+    depend only on the seed, the config and the order, not on what else drew random numbers:
+    a model built whole and a model built on the meta device and filled shard by shard
+    (megatron_llm.parallel.shard.materialize) start from the same weights."""
+    gen = torch.Generator().manual_seed(seed)
+    out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    for name, shape in shapes:
+        if name.endswith("bias"):
+            yield name, torch.zeros(shape)
+        elif "norm" in name:
+            yield name, torch.ones(shape)
+        else:
+            out = name.endswith(("attn.out.weight", "mlp.fc_out.weight"))
+            yield (
+                name,
+                torch.empty(shape).normal_(0.0, out_std if out else cfg.init_std, generator=gen),
+            )
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (shapes, no memory, no
+    values) and their buffers as usual. training/loop.py builds the model so, shards it, and has
+    each rank fill in only its own slices, so no rank ever holds the whole model."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            meta = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            module._parameters[name] = meta
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
-        self.embed = Embedding(vocab_size, cfg.hidden_size)
-        self.pos_embed = (
-            nn.Embedding(cfg.seq_length, cfg.hidden_size) if cfg.position == "learned" else None
-        )
-        # Sequence parallelism swaps in a scatter: the blocks then see a shard of the sequence.
-        self.scatter_sequence: nn.Module = nn.Identity()
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-        self.final_norm = Norm(cfg)
-        self.head = (
-            None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, vocab_size, bias=False)
-        )
+        # The layers' own inits draw from the global generator; reset_parameters overwrites them,
+        # so keep the global stream as it was (a model built on meta draws nothing either).
+        with torch.random.fork_rng(devices=[]):
+            self.embed = Embedding(vocab_size, cfg.hidden_size)
+            self.pos_embed = (
+                nn.Embedding(cfg.seq_length, cfg.hidden_size) if cfg.position == "learned" else None
+            )
+            # Sequence parallelism swaps in a scatter: the blocks then see a shard of the
+            # sequence.
+            self.scatter_sequence: nn.Module = nn.Identity()
+            self.dropout = nn.Dropout(cfg.dropout)
+            self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+            self.final_norm = Norm(cfg)
+            self.head = (
+                None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, vocab_size, bias=False)
+            )
         self.loss_fn = cross_entropy  # vocab-parallel under tensor parallelism
         # Activation checkpointing (train.activation_checkpointing): recompute each segment of
         # this many blocks in backward; 0 keeps every activation.
         self.checkpoint_every = 0
-        self.reset_parameters()
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        # GPT-2 init: N(0, std) everywhere, residual output projections scaled by 1/sqrt(2L)
-        # so the residual stream's variance does not grow with depth.
-        out_std = self.cfg.init_std / math.sqrt(2 * self.cfg.num_layers)
-        for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif "norm" in name:
-                nn.init.ones_(p)
-            elif name.endswith(("attn.out.weight", "mlp.fc_out.weight")):
-                nn.init.normal_(p, std=out_std)
-            else:
-                nn.init.normal_(p, std=self.cfg.init_std)
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """init_values from ``seed``; by default torch.initial_seed(), the last torch.manual_seed
+        (training/loop.py seeds it with train.seed)."""
+        params = dict(self.named_parameters())
+        shapes = ((name, p.shape) for name, p in params.items())
+        with torch.no_grad():
+            for name, value in init_values(
+                self.cfg, shapes, torch.initial_seed() if seed is None else seed
+            ):
+                params[name].copy_(value)
 
     def forward(
         self,

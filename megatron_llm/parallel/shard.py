@@ -1,17 +1,26 @@
 """Turn a single-device GPT into this rank's tensor-parallel shard of it.
 
-The model is first built whole from the seed, so every tp size starts from the same weights;
-``shard_model`` then swaps a few named layers for their parallel versions (megatron_llm.parallel
-.layers) and keeps this rank's slice of each weight:
+``shard_model`` swaps a few named layers for their parallel versions (megatron_llm.parallel
+.layers), each keeping this rank's slice of the weight:
 
     q, k, v, fc_in, fc_gate, untied head   column-parallel (heads / ffn / vocab split)
     attention out, fc_out                  row-parallel, partial sums reduced
     embedding                              vocab-parallel; the tied head reuses its shard
     loss                                   vocab-parallel cross-entropy (logits never gathered)
     norms, residual dropout                on sequence shards when sequence_parallel
+
+Training builds the model with its parameters on the meta device (model.gpt.parameters_on_meta),
+shards it there, and ``materialize`` then fills in each rank's slices from whole values handed
+over one parameter at a time (the seeded init, or a checkpoint's tensors): every tp size starts
+from the same weights, and no rank holds more than its shard plus one whole parameter.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
 
 from megatron_llm.model.gpt import GPT
 from megatron_llm.parallel.groups import ParallelContext
@@ -72,3 +81,42 @@ def shard_model(model: GPT, ctx: ParallelContext, *, sequence_parallel: bool, se
         model.dropout = ForkedDropout(model.dropout.p, rng.fork)
         model.final_norm = SequenceParallelNorm(model.final_norm, tp)
     return model
+
+
+def materialize(
+    model: GPT, values: Iterable[tuple[str, torch.Tensor]], ctx: ParallelContext, source: str
+) -> None:
+    """Give the meta parameters of ``model`` (built under parameters_on_meta, then sharded)
+    storage on the CPU and their values: ``values`` yields (name, whole tensor) by the
+    single-device model's names, one at a time, and each rank copies its slice (``tp`` chunks
+    along ``partition_dim`` for split parameters, all of it otherwise). ``source`` names where
+    the values come from, for errors."""
+    fresh: dict[int, nn.Parameter] = {}  # a tied weight is one parameter in two modules
+    for module in model.modules():
+        for key, p in list(module._parameters.items()):
+            if p is None or not p.is_meta:
+                continue
+            if id(p) not in fresh:
+                new = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), p.requires_grad)
+                new.__dict__.update(p.__dict__)  # tensor_model_parallel, partition_dim
+                fresh[id(p)] = new
+            module._parameters[key] = fresh[id(p)]
+    params = dict(model.named_parameters())
+    filled: set[str] = set()
+    with torch.no_grad():
+        for name, whole in values:
+            p = params.get(name)
+            if p is None:
+                raise ValueError(f"{source}: no parameter {name} in this model")
+            if getattr(p, "tensor_model_parallel", False) and ctx.tp > 1:
+                whole = whole.chunk(ctx.tp, dim=p.partition_dim)[ctx.tp_rank]
+            if tuple(whole.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"{source}: {name} has shape {tuple(whole.shape)} on this rank, the model "
+                    f"expects {tuple(p.shape)}"
+                )
+            p.copy_(whole)
+            filled.add(name)
+    missing = sorted(set(params) - filled)
+    if missing:
+        raise ValueError(f"{source}: no values for {missing[:5]}")

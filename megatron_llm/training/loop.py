@@ -13,7 +13,7 @@ import torch.distributed as dist
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from megatron_llm.checkpoint import runtime as ckpt_run
-from megatron_llm.checkpoint.state import load_weights
+from megatron_llm.checkpoint.state import checked_weights
 from megatron_llm.config import RunConfig
 from megatron_llm.data.dataset import build_datasets
 from megatron_llm.data.sampler import micro_batches
@@ -21,11 +21,12 @@ from megatron_llm.data.sft import input_label_pairs, inputs_and_labels, split_da
 from megatron_llm.data.tokenizer import Tokenizer
 from megatron_llm.eval.perplexity import perplexity, validation_loss
 from megatron_llm.model import GPT
+from megatron_llm.model.gpt import init_values, parameters_on_meta
 from megatron_llm.parallel.engine import build_engine
 from megatron_llm.parallel.groups import ParallelContext, mean_over_dp
 from megatron_llm.parallel.pipeline import build_pipeline, global_names
 from megatron_llm.parallel.random import TensorParallelRNG
-from megatron_llm.parallel.shard import shard_model
+from megatron_llm.parallel.shard import materialize, shard_model
 from megatron_llm.training.health import StepMonitor
 from megatron_llm.training.metrics import MetricsLog
 from megatron_llm.training.preemption import StopRequest
@@ -110,14 +111,23 @@ def build(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
         ckpt, weights_only = ckpt_run.choose(cfg.checkpoint.init_from, "", ctx), True
     if ckpt is not None and not weights_only:
         ckpt_run.check_compatible(ckpt, cfg.to_dict(), tokenizer.sha256)
-    model = GPT(cfg.model, cfg.model.padded_vocab_size(tokenizer.vocab_size, ctx.tp))
+    # Built with its parameters on the meta device and sharded there; then each rank fills in
+    # only its slices, one whole parameter at a time (from the seed or the checkpoint).
+    with parameters_on_meta():
+        model = GPT(cfg.model, cfg.model.padded_vocab_size(tokenizer.vocab_size, ctx.tp))
+    shapes = {name: p.shape for name, p in model.named_parameters()}
     parameters = model.num_parameters()  # the whole model, before this rank keeps its shard
     tensors = ckpt.tensors(optimizer=not weights_only) if ckpt else None
-    if tensors is not None:
-        load_weights(model, {n: t["param"] for n, t in tensors.items()}, str(ckpt.path))
     model = shard_model(
         model, ctx, sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.train.seed
     )
+    if tensors is not None:
+        source = str(ckpt.path)
+        values = checked_weights(shapes, {n: t["param"] for n, t in tensors.items()}, source)
+    else:
+        source = f"init from seed {cfg.train.seed}"
+        values = init_values(cfg.model, shapes.items(), cfg.train.seed)
+    materialize(model, values, ctx, source)
     model.checkpoint_every = cfg.train.activation_checkpointing
     # Under pipeline parallelism the engine trains this stage's layers of the model.
     module = build_pipeline(model, ctx, cfg) if ctx.pp > 1 else model
