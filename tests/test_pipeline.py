@@ -122,3 +122,37 @@ def test_blocks_split_by_count_parameters_or_as_listed() -> None:
     assert split_blocks(large, 4, "uniform", [1, 2, 2, 3]) == [1, 2, 2, 3]  # the user's split
     with pytest.raises(ValueError, match="summing to model.num_layers=8"):
         split_blocks(small, 2, "uniform", [3, 3])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_each_stage_fills_only_its_own_layers(tied: bool) -> None:
+    import types
+
+    from megatron_llm.config import load_config
+    from megatron_llm.model.gpt import GPT, parameters_on_meta
+    from megatron_llm.parallel.pipeline import stage_parameters
+
+    cfg = load_config(
+        None,
+        [
+            "model.num_layers=6",
+            "model.hidden_size=64",
+            "model.num_heads=4",
+            f"model.tie_embeddings={str(tied).lower()}",
+            "parallel.pp=3",
+            "parallel.zero_stage=1",
+            "parallel.pipeline_split=[1,3,2]",
+        ],
+    )
+    with parameters_on_meta():
+        model = GPT(cfg.model, 64)
+    stages = [
+        stage_parameters(model, types.SimpleNamespace(pp=3, pp_rank=s), cfg) for s in range(3)
+    ]
+    everything = {name for name, _ in model.named_parameters()}
+    assert set().union(*stages) == everything
+    assert {n.split(".")[1] for n in stages[1] if n.startswith("blocks.")} == {"1", "2", "3"}
+    assert not any(n.startswith(("embed.", "final_norm.")) for n in stages[1])
+    assert "embed.weight" in stages[0] and "final_norm.weight" in stages[2]
+    # A tied head is the embedding again on the last stage; an untied one is the head's own.
+    assert ("embed.weight" in stages[2]) == tied and ("head.weight" in stages[2]) != tied

@@ -145,6 +145,22 @@ def build_pipeline(model: GPT, ctx: Any, cfg: Any) -> Pipeline:
     )
 
 
+def stage_parameters(model: GPT, ctx: Any, cfg: Any) -> set[str]:
+    """The single-device names of the parameters build_pipeline puts on this rank's stage: the
+    embedding and positions on the first, its blocks, the final norm and head on the last (and
+    the embedding again there when the head is tied to it)."""
+    p = cfg.parallel
+    counts = split_blocks(model, ctx.pp, p.pipeline_partition, p.pipeline_split)
+    stage = ctx.pp_rank
+    first = sum(counts[:stage])
+    prefixes = [f"blocks.{i}." for i in range(first, first + counts[stage])]
+    if stage == 0:
+        prefixes += ["embed.", "pos_embed."]
+    if stage == ctx.pp - 1:
+        prefixes += ["final_norm.", "head." if model.head is not None else "embed."]
+    return {name for name, _ in model.named_parameters() if name.startswith(tuple(prefixes))}
+
+
 def global_names(model: GPT, pipe: nn.Module) -> dict[str, str]:
     """Pipeline parameter name -> the single-device model's name, for this stage's params."""
     ours = {id(p): name for name, p in model.named_parameters()}

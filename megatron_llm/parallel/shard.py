@@ -84,17 +84,23 @@ def shard_model(model: GPT, ctx: ParallelContext, *, sequence_parallel: bool, se
 
 
 def materialize(
-    model: GPT, values: Iterable[tuple[str, torch.Tensor]], ctx: ParallelContext, source: str
+    model: GPT,
+    values: Iterable[tuple[str, torch.Tensor]],
+    ctx: ParallelContext,
+    source: str,
+    only: set[str] | None = None,
 ) -> None:
     """Give the meta parameters of ``model`` (built under parameters_on_meta, then sharded)
     storage on the CPU and their values: ``values`` yields (name, whole tensor) by the
     single-device model's names, one at a time, and each rank copies its slice (``tp`` chunks
     along ``partition_dim`` for split parameters, all of it otherwise). ``source`` names where
-    the values come from, for errors."""
+    the values come from, for errors. With ``only`` (the parameters of this pipeline stage),
+    the others stay on the meta device: no memory, and no values."""
+    wanted = {id(p) for name, p in model.named_parameters() if only is None or name in only}
     fresh: dict[int, nn.Parameter] = {}  # a tied weight is one parameter in two modules
     for module in model.modules():
         for key, p in list(module._parameters.items()):
-            if p is None or not p.is_meta:
+            if p is None or not p.is_meta or id(p) not in wanted:
                 continue
             if id(p) not in fresh:
                 new = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), p.requires_grad)
@@ -108,6 +114,8 @@ def materialize(
             p = params.get(name)
             if p is None:
                 raise ValueError(f"{source}: no parameter {name} in this model")
+            if p.is_meta:  # another stage's
+                continue
             if getattr(p, "tensor_model_parallel", False) and ctx.tp > 1:
                 whole = whole.chunk(ctx.tp, dim=p.partition_dim)[ctx.tp_rank]
             if tuple(whole.shape) != tuple(p.shape):
@@ -117,6 +125,6 @@ def materialize(
                 )
             p.copy_(whole)
             filled.add(name)
-    missing = sorted(set(params) - filled)
+    missing = sorted(n for n, p in params.items() if n not in filled and not p.is_meta)
     if missing:
         raise ValueError(f"{source}: no values for {missing[:5]}")

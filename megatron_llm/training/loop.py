@@ -24,7 +24,7 @@ from megatron_llm.model import GPT
 from megatron_llm.model.gpt import init_values, parameters_on_meta
 from megatron_llm.parallel.engine import build_engine
 from megatron_llm.parallel.groups import ParallelContext, mean_over_dp
-from megatron_llm.parallel.pipeline import build_pipeline, global_names
+from megatron_llm.parallel.pipeline import build_pipeline, global_names, stage_parameters
 from megatron_llm.parallel.random import TensorParallelRNG
 from megatron_llm.parallel.shard import materialize, shard_model
 from megatron_llm.training.health import StepMonitor
@@ -127,7 +127,9 @@ def build(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
     else:
         source = f"init from seed {cfg.train.seed}"
         values = init_values(cfg.model, shapes.items(), cfg.train.seed)
-    materialize(model, values, ctx, source)
+    # Under pipeline parallelism a rank fills only its stage's layers; the rest stay on meta.
+    only = stage_parameters(model, ctx, cfg) if ctx.pp > 1 else None
+    materialize(model, values, ctx, source, only)
     model.checkpoint_every = cfg.train.activation_checkpointing
     # Under pipeline parallelism the engine trains this stage's layers of the model.
     module = build_pipeline(model, ctx, cfg) if ctx.pp > 1 else model
