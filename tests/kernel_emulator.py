@@ -71,7 +71,7 @@ _SIGNATURES = {  # csrc/emulator/capi.cpp
 SHARED = re.compile(r"^(\s*)__shared__\s+([^;]*?)\b(\w+)((?:\[[^\]]*\])+)\s*;", re.MULTILINE)
 
 
-def rewrite_launches(text: str, name: str) -> str:
+def rewrite_for_emulator(text: str, name: str) -> str:
     """`k<T, N><<<cfg>>>(args)` -> `::emu::Launch(cfg)([&](auto&&... a) { k<T, N>(a...); }, args)`,
     and `__shared__ T a[N];` -> `static T a[N]; ::emu::shared_region(a, sizeof a);` (emu.h).
     Lines are kept, and a #line directive names the original file for errors and __FILE__."""
@@ -105,15 +105,16 @@ def rewrite_launches(text: str, name: str) -> str:
     return "".join(out)
 
 
-def _sources() -> list[Path]:
-    return sorted([*CSRC.glob("*.cu"), *CSRC.glob("*.cuh"), *CSRC.glob("*.h"), *EMULATOR.iterdir()])
+def _csrc() -> list[Path]:
+    """The kernel sources of csrc/ the emulator compiles (bindings.cpp is torch's side)."""
+    return sorted([*CSRC.glob("*.cu"), *CSRC.glob("*.cuh"), *CSRC.glob("*.h")])
 
 
 def build() -> Path:
     """The emulator library for the current sources (built once, then taken from the cache)."""
     compiler = subprocess.run([CXX, "--version"], capture_output=True, text=True, check=True)
     digest = hashlib.sha256(compiler.stdout.encode() + " ".join(CXXFLAGS).encode())
-    for path in _sources():
+    for path in [*_csrc(), *sorted(EMULATOR.iterdir())]:
         if path.is_file():
             digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
     target = CACHE / digest.hexdigest()[:16]
@@ -126,8 +127,8 @@ def build() -> Path:
         src = work / "src"
         src.mkdir()
         units = []
-        for path in [*CSRC.glob("*.cu"), *CSRC.glob("*.cuh"), *CSRC.glob("*.h")]:
-            text = rewrite_launches(path.read_text(), path.name)
+        for path in _csrc():
+            text = rewrite_for_emulator(path.read_text(), path.name)
             out = src / (path.stem + ".cpp" if path.suffix == ".cu" else path.name)
             out.write_text(text)
             if path.suffix == ".cu":
@@ -135,7 +136,7 @@ def build() -> Path:
         (src / "emulator").mkdir()
         faults = src / "emulator" / "faults.cpp"  # its "../mma.cuh" is the rewritten one
         faults_cu = (EMULATOR / "faults.cu").read_text()
-        faults.write_text(rewrite_launches(faults_cu, "emulator/faults.cu"))
+        faults.write_text(rewrite_for_emulator(faults_cu, "emulator/faults.cu"))
         units += [faults, EMULATOR / "emu.cpp", EMULATOR / "capi.cpp"]
         procs = []
         for unit in units:
@@ -153,9 +154,7 @@ def build() -> Path:
             [CXX, "-shared", "-o", str(work / lib.name), *(str(o) for _, o, _ in procs)],
             check=True,
         )
-        (work / lib.name).rename(work / "lib.tmp")
         shutil.rmtree(src)
-        (work / "lib.tmp").rename(work / lib.name)
         try:
             work.rename(target)
         except OSError:  # another process built it meanwhile

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from megatron_llm import kernels
 from megatron_llm.kernels import fused, reference
 from megatron_llm.model import GPT, ModelConfig
-from tests import tensor_core_layouts
+from tests import kernel_checks
+from tests.kernel_checks import grads
 
 
 def acc(t: torch.Tensor) -> torch.Tensor:
@@ -111,14 +112,6 @@ def fake_ext(monkeypatch):
     monkeypatch.setattr(kernels, "_is_cuda", lambda t: True)
     monkeypatch.delenv(kernels.ENV, raising=False)
     return ext
-
-
-def grads(fn, *inputs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """fn's output and the gradients of every input for a fixed random output gradient."""
-    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
-    out = fn(*inputs)
-    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out))
-    return out.detach(), [t.grad for t in inputs]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -391,14 +384,6 @@ NORM_TOL = {
 }
 
 
-def cuda_grads(fn, *inputs: torch.Tensor):
-    torch.manual_seed(1)
-    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
-    out = fn(*inputs)
-    out.backward(torch.randn_like(out))
-    return out.detach(), [t.grad for t in inputs]
-
-
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", list(NORM_TOL))
@@ -422,16 +407,7 @@ def test_gpu_norm_parity(dtype, rows, hidden, norm):
     x = (torch.randn(rows, hidden, device="cuda") * 3 + 1).to(dtype)
     w = torch.randn(hidden, device="cuda")
     b = torch.randn(hidden, device="cuda")
-    if norm == "layernorm":
-        ours = cuda_grads(lambda x, w, b: kernels.layer_norm(x, w, b, 1e-5), x, w, b)
-        ref = cuda_grads(lambda x, w, b: reference.layer_norm(x, w, b, 1e-5), x, w, b)
-    else:
-        ours = cuda_grads(lambda x, w: kernels.rms_norm(x, w, 1e-5), x, w)
-        ref = cuda_grads(lambda x, w: reference.rms_norm(x, w, 1e-5), x, w)
-    torch.testing.assert_close(ours[0], ref[0], **NORM_TOL[dtype])
-    torch.testing.assert_close(ours[1][0], ref[1][0], **NORM_TOL[dtype])  # dx
-    for got, want in zip(ours[1][1:], ref[1][1:]):  # dweight, dbias: sums over rows
-        torch.testing.assert_close(got, want, atol=1e-3 * rows**0.5, rtol=1e-3)
+    kernel_checks.check_norm(norm, x, w, b, NORM_TOL[dtype], sum_tol=1e-3)
 
 
 @pytest.mark.gpu
@@ -447,10 +423,6 @@ def test_gpu_norm_uses_the_kernel_and_is_deterministic():
         assert torch.equal(a, b)
 
 
-def attention_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return (got.float() - want).abs().max().item()
-
-
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -458,21 +430,11 @@ def attention_error(got: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (4, 1)])
 @pytest.mark.parametrize("batch,seq", [(2, 1), (2, 17), (2, 64), (1, 257), (1, 1000), (1, 4097)])
 def test_gpu_attention_parity(dtype, head_dim, heads, kv_heads, batch, seq):
-    # As flash-attention's tests: our error against an fp32 reference must be within a small
-    # multiple of the error of PyTorch's own computation in the same low precision.
     torch.manual_seed(0)
     q = torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=dtype)
     k = torch.randn(batch, kv_heads, seq, head_dim, device="cuda", dtype=dtype)
     v = torch.randn(batch, kv_heads, seq, head_dim, device="cuda", dtype=dtype)
-    ours = cuda_grads(kernels.causal_attention, q, k, v)
-    fp32 = cuda_grads(reference.causal_attention, q.float(), k.float(), v.float())
-    low = cuda_grads(reference.causal_attention, q, k, v)
-    for name, got, want, theirs in zip(
-        ["out", "dq", "dk", "dv"], [ours[0], *ours[1]], [fp32[0], *fp32[1]], [low[0], *low[1]]
-    ):
-        assert got.dtype == dtype and got.shape == want.shape, name
-        ours_err, theirs_err = attention_error(got, want), attention_error(theirs, want)
-        assert ours_err <= 3 * theirs_err + 1e-3, f"{name}: {ours_err} vs torch {theirs_err}"
+    kernel_checks.check_attention(q, k, v)
 
 
 @pytest.mark.gpu
@@ -502,9 +464,9 @@ def test_gpu_tensor_core_layouts_are_the_emulators():
     # The hardware's mma.sync and ldmatrix against the layouts the kernels (and the CPU
     # emulator, tests/test_kernel_emulator.py) assume. If this fails, so will the attention
     # parity, and the emulator's model in csrc/emulator/emu.h is wrong too.
-    tensor_core_layouts.check_mma(fused.ext, "cuda", bf16=False)
-    tensor_core_layouts.check_mma(fused.ext, "cuda", bf16=True)
-    tensor_core_layouts.check_ldmatrix(fused.ext, "cuda")
+    kernel_checks.check_mma(fused.ext, "cuda", bf16=False)
+    kernel_checks.check_mma(fused.ext, "cuda", bf16=True)
+    kernel_checks.check_ldmatrix(fused.ext, "cuda")
 
 
 @pytest.mark.gpu

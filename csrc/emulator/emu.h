@@ -226,21 +226,6 @@ T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32) {
   return emu::from_bits<T>(emu::shuffle(mask, emu::to_bits(var), src, "__shfl_xor_sync"));
 }
 
-template <typename T>
-T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = 32) {
-  const int lane = emu::lane_id();
-  const int in_segment = lane % width + static_cast<int>(delta);
-  const int src = in_segment < width ? lane + static_cast<int>(delta) : lane;
-  return emu::from_bits<T>(emu::shuffle(mask, emu::to_bits(var), src, "__shfl_down_sync"));
-}
-
-template <typename T>
-T __shfl_sync(unsigned mask, T var, int src_lane, int width = 32) {
-  const int lane = emu::lane_id();
-  const int src = (lane & ~(width - 1)) + (src_lane % width);
-  return emu::from_bits<T>(emu::shuffle(mask, emu::to_bits(var), src, "__shfl_sync"));
-}
-
 // ------------------------------------------------------------------------------------------
 // tensor cores: mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32
 

@@ -105,11 +105,6 @@ def _capability(t: torch.Tensor) -> tuple[int, int]:
     return _cuda_capability(t.device) if t.is_cuda else (9, 0)
 
 
-def _has_tensor_cores(t: torch.Tensor) -> bool:
-    """sm_80 or newer: the attention kernels use mma.sync m16n8k16 (bf16 needs sm_80)."""
-    return _capability(t) >= (8, 0)
-
-
 def _attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> bool:
     return (
         dropout_p == 0.0
@@ -123,7 +118,7 @@ def _attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
         and k.shape[2:] == q.shape[2:]  # equal lengths: the causal mask is the plain triangle
         and q.shape[1] % k.shape[1] == 0
         and q.numel() > 0
-        and _has_tensor_cores(q)
+        and _capability(q) >= (8, 0)  # the kernels' mma.sync m16n8k16 (bf16 needs sm_80)
     )
 
 

@@ -66,16 +66,21 @@ class Pipeline(PipelineModule):
         super().__init__(layers, partition_method="ours", **kwargs)
 
     def _partition_layers(self, method: str = "ours") -> None:
-        # Stage s holds blocks_per_stage[s] blocks; the two input layers go with the first stage
-        # and the final norm and head with the last.
-        parts, at = [0], 2
-        for count in self._blocks_per_stage[:-1]:
-            at += count
-            parts.append(at)
-        parts.append(len(self._layer_specs))
-        self.parts = parts
+        self.parts = stage_parts(self._blocks_per_stage)
         stage = self._topo.get_coord(self.global_rank).pipe
-        self._set_bounds(start=parts[stage], stop=parts[stage + 1])
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+
+def stage_parts(blocks_per_stage: Sequence[int]) -> list[int]:
+    """Stage s holds layers [parts[s], parts[s + 1]) of build_pipeline's list: its
+    blocks_per_stage[s] blocks, the two input layers (embedding, positions) on the first stage
+    and the final norm and head on the last."""
+    parts, at = [0], 2
+    for count in blocks_per_stage[:-1]:
+        at += count
+        parts.append(at)
+    parts.append(2 + sum(blocks_per_stage) + 2)
+    return parts
 
 
 def split_blocks(model: GPT, stages: int, method: str, split: Sequence[int] | None) -> list[int]:
@@ -150,15 +155,17 @@ def stage_parameters(model: GPT, ctx: Any, cfg: Any) -> set[str]:
     embedding and positions on the first, its blocks, the final norm and head on the last (and
     the embedding again there when the head is tied to it)."""
     p = cfg.parallel
-    counts = split_blocks(model, ctx.pp, p.pipeline_partition, p.pipeline_split)
-    stage = ctx.pp_rank
-    first = sum(counts[:stage])
-    prefixes = [f"blocks.{i}." for i in range(first, first + counts[stage])]
-    if stage == 0:
-        prefixes += ["embed.", "pos_embed."]
-    if stage == ctx.pp - 1:
-        prefixes += ["final_norm.", "head." if model.head is not None else "embed."]
-    return {name for name, _ in model.named_parameters() if name.startswith(tuple(prefixes))}
+    parts = stage_parts(split_blocks(model, ctx.pp, p.pipeline_partition, p.pipeline_split))
+    # What each layer of build_pipeline's list holds, by the single-device names.
+    layers = [
+        "embed.",
+        "pos_embed.",
+        *(f"blocks.{i}." for i in range(len(model.blocks))),
+        "final_norm.",
+        "head." if model.head is not None else "embed.",  # a tied head is the embedding
+    ]
+    prefixes = tuple(layers[parts[ctx.pp_rank] : parts[ctx.pp_rank + 1]])
+    return {name for name, _ in model.named_parameters() if name.startswith(prefixes)}
 
 
 def global_names(model: GPT, pipe: nn.Module) -> dict[str, str]:
