@@ -25,6 +25,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from megatron_llm.atomic import WriteFailed, open_atomic
+
 DEFAULT_MAX_BYTES = 8_000_000
 
 
@@ -70,11 +72,9 @@ def _count(summary: CorpusSummary, reason: str) -> None:
 def write_corpus(root: Path, output: Path, max_bytes: int) -> CorpusSummary:
     summary = CorpusSummary()
     output.parent.mkdir(parents=True, exist_ok=True)
-    # A temp file in the destination folder makes the final os.replace atomic: readers see the
-    # old corpus or the new one, never half a file.
-    tmp = output.with_name(f"{output.name}.tmp-{os.getpid()}")
+    # Readers see the old corpus or the new one, never half a file.
     try:
-        with tmp.open("w", encoding="utf-8") as out:
+        with open_atomic(output, "w", encoding="utf-8") as out:
             for source, text in read_documents(root, summary):
                 size = len(text.encode("utf-8"))
                 if summary.bytes + size > max_bytes:
@@ -84,14 +84,15 @@ def write_corpus(root: Path, output: Path, max_bytes: int) -> CorpusSummary:
                 out.write("\n")
                 summary.documents += 1
                 summary.bytes += size
-        if summary.documents == 0:  # an empty corpus is an error: leave no file behind
-            tmp.unlink()
-            return summary
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+            if summary.documents == 0:  # an empty corpus is an error: leave no file behind
+                raise _Empty
+    except _Empty:
+        pass
     return summary
+
+
+class _Empty(Exception):  # noqa: N818 (aborts the atomic write of an empty corpus)
+    pass
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -123,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.stdlib.is_dir():
         print(f"error: --stdlib {args.stdlib}: not a folder", file=sys.stderr)
         return 2
-    summary = write_corpus(args.stdlib, args.output, args.max_bytes)
+    try:
+        summary = write_corpus(args.stdlib, args.output, args.max_bytes)
+    except WriteFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if summary.documents == 0:
         why = (
             f"the first file is larger than --max-bytes {args.max_bytes:_}; raise it"

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from data_tools.inputs import Position
+from megatron_llm.atomic import write_atomic
 
 MANIFEST_FORMAT = "megatron_llm/preprocess"
 MANIFEST_VERSION = 2
@@ -45,10 +46,7 @@ def load_manifest(prefix: Path) -> dict[str, Any] | None:
 
 
 def write_manifest(prefix: Path, manifest: dict[str, Any]) -> None:
-    path = manifest_path(prefix)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(manifest_path(prefix), json.dumps(manifest, indent=2) + "\n")
 
 
 @dataclass

@@ -20,7 +20,6 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -45,6 +44,7 @@ from data_tools.inputs import (
     source_fingerprint,
     usable_cpus,
 )
+from megatron_llm.atomic import WriteFailed, write_atomic
 from megatron_llm.data.tokenizer import Tokenizer, TokenizerError
 
 SIDECAR_VERSION = 1
@@ -163,16 +163,10 @@ def commit(model: bytes, prefix: Path, record: dict[str, Any]) -> None:
     first, so a sidecar only ever vouches for the model beside it."""
     sidecar = sidecar_path(prefix)
     sidecar.unlink(missing_ok=True)
-    _write_atomic(prefix.with_name(prefix.name + ".model"), model)
-    _write_atomic(prefix.with_name(prefix.name + ".vocab"), vocab_text(model).encode("utf-8"))
+    write_atomic(prefix.with_name(prefix.name + ".model"), model)
+    write_atomic(prefix.with_name(prefix.name + ".vocab"), vocab_text(model).encode("utf-8"))
     record["model_sha256"] = hashlib.sha256(model).hexdigest()
-    _write_atomic(sidecar, (json.dumps(record, indent=2) + "\n").encode())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_atomic(sidecar, (json.dumps(record, indent=2) + "\n").encode())
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -251,7 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         "skipped": dict(feed.skipped),
         "seconds": round(seconds, 2),
     }
-    commit(model, prefix, record)
+    try:
+        commit(model, prefix, record)
+    except WriteFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return summarize(prefix, feed, seconds)
 
 

@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -39,6 +38,8 @@ from typing import Any
 
 import torch
 import yaml
+
+from megatron_llm.atomic import fsync_dir, write_atomic
 
 FORMAT = "megatron_llm-checkpoint"
 VERSION = 1
@@ -59,29 +60,6 @@ def step_of(path: Path) -> int | None:
     if not name.startswith(TAG_PREFIX) or not name[len(TAG_PREFIX) :].isdigit():
         return None
     return int(name[len(TAG_PREFIX) :])
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def sha256_of(path: Path) -> str:

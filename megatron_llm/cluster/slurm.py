@@ -16,6 +16,8 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
+from megatron_llm.atomic import write_atomic
+
 # Ports 10000-29999: below Linux's ephemeral range (32768+), so a rendezvous port derived from
 # the job id does not collide with ports the kernel hands out.
 PORT_BASE, PORT_SPAN = 10000, 20000
@@ -186,9 +188,7 @@ def write_hostfile(path: str | Path, hosts: list[str], slots: int) -> Path:
     """A DeepSpeed (MPI-style) hostfile: one 'host slots=N' line per node."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(f"{h} slots={slots}\n" for h in hosts))
-    tmp.replace(path)
+    write_atomic(path, "".join(f"{h} slots={slots}\n" for h in hosts))
     return path
 
 

@@ -45,6 +45,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split
 
+from megatron_llm.atomic import open_atomic, write_atomic
 from megatron_llm.data.config import DataConfig
 from megatron_llm.data.tokenizer import Tokenizer
 
@@ -206,15 +207,11 @@ def _load_cached(folder: str, base: str, names: tuple[str, ...]) -> tuple[np.nda
 
 def _save_cached(folder: str, base: str, arrays: dict[str, np.ndarray], description: str) -> None:
     os.makedirs(folder, exist_ok=True)
-    tag = f"tmp-{os.getpid()}"
     for name, array in arrays.items():
-        final = os.path.join(folder, f"{base}-{name}.npy")
-        with open(f"{final}.{tag}", "wb") as f:
+        with open_atomic(os.path.join(folder, f"{base}-{name}.npy")) as f:
             np.save(f, array, allow_pickle=True)
-        os.replace(f"{final}.{tag}", final)
-    final = os.path.join(folder, f"{base}-description.txt")  # last: it marks the entry complete
-    Path(f"{final}.{tag}").write_text(description)
-    os.replace(f"{final}.{tag}", final)
+    # Last: it marks the entry complete.
+    write_atomic(os.path.join(folder, f"{base}-description.txt"), description)
 
 
 _MEGATRON_LOGGERS = ("megatron.core.datasets.gpt_dataset", "megatron.core.datasets.blended_dataset")

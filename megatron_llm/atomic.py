@@ -1,0 +1,92 @@
+"""The project's one atomic writer: a file is either its old self or wholly its new self.
+
+Every output the project writes in place (checkpoint pointers, manifests, corpora, tokenizer
+files, shard manifests, hostfiles, dataset index caches) goes through :func:`open_atomic` or
+:func:`write_atomic`: the bytes go to a temporary ``.NAME.tmp-PID-*`` in the same folder, are
+fsynced, and the temporary is renamed over ``NAME`` (then the folder is fsynced, so the rename
+survives a power cut). On any failure - a full disk, a read-only file system, an exception in
+the caller's code, Ctrl-C - the temporary is removed and ``NAME`` is left as it was.
+
+A failing write raises :class:`WriteFailed` with one line naming the path and the errno, so a
+CLI can print it as is and exit 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+class WriteFailed(RuntimeError):
+    """An output that could not be written; the message is one line: path, errno, what to do."""
+
+
+def write_failed(path: str | Path, err: OSError) -> WriteFailed:
+    """The one-line error for an OSError met while writing ``path``."""
+    code = errno.errorcode.get(err.errno or 0, "error")
+    hint = {
+        errno.ENOSPC: "free space or choose another folder",
+        errno.EDQUOT: "free quota or choose another folder",
+        errno.EROFS: "the file system is read-only; choose another folder",
+        errno.EACCES: "fix the permissions or choose another folder",
+        errno.EPERM: "fix the permissions or choose another folder",
+    }.get(err.errno or 0, "check the folder")
+    return WriteFailed(
+        f"{path}: cannot write ({code}: {err.strerror or err}); {hint}; "
+        "earlier outputs are left as they were"
+    )
+
+
+class _Foreign(Exception):  # noqa: N818 (internal carrier, never escapes)
+    def __init__(self, err: OSError) -> None:
+        self.err = err
+
+
+def fsync_dir(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def open_atomic(path: str | Path, mode: str = "wb", **kwargs: Any) -> Iterator[IO[Any]]:
+    """``with open_atomic(p, "w") as f: f.write(...)``: ``p`` appears whole or not at all."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"open_atomic: mode {mode!r}; use 'w' or 'wb'")
+    path = Path(path)
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-")
+        with os.fdopen(fd, mode, **kwargs) as f:
+            try:
+                yield f
+            except OSError as e:
+                if e.filename not in (None, tmp):  # the caller's own reading failed: not ours
+                    raise _Foreign(e) from e
+                raise
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        fsync_dir(path.parent)
+    except _Foreign as e:
+        raise e.err from None
+    except OSError as e:
+        raise write_failed(path, e) from e
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Replace ``path`` with ``data`` atomically (str is written as UTF-8)."""
+    with open_atomic(path, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
