@@ -1,0 +1,5 @@
+import sys
+
+from megatron_llm.plan.cli import main
+
+sys.exit(main())
