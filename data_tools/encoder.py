@@ -9,11 +9,13 @@ in a fraction of a second under any multiprocessing start method.
 
 from __future__ import annotations
 
-import multiprocessing
+import multiprocessing.process
+import signal
 from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from multiprocessing.pool import AsyncResult, Pool
 from types import TracebackType
 
 import numpy as np
@@ -63,13 +65,20 @@ def _encode_in_worker(pieces: list[Piece], keys: list[str], limit: int, dtype: t
     return encode_chunk(_worker_tokenizer, pieces, keys, limit, dtype)
 
 
+class WorkerDied(RuntimeError):
+    """A worker process ended abruptly (killed, out of memory); the message is one line."""
+
+
 class Encoder:
     """Maps chunks to their tokens, keeping input order.
 
     With one worker, in this process (no copies between processes). With several, at most
     2 x workers chunks are in flight: Pool.imap would be simpler but its feeder thread drains
     the input iterator without bound, i.e. reads the whole corpus into memory when tokenizing
-    is slower than reading.
+    is slower than reading. The workers run under a ProcessPoolExecutor, not a
+    multiprocessing.Pool: a Pool silently replaces a worker that dies (e.g. to the OOM killer)
+    and waits forever for its task, while the executor fails every pending task at once
+    (BrokenProcessPool), which becomes WorkerDied naming the worker and its signal.
     """
 
     def __init__(
@@ -77,11 +86,12 @@ class Encoder:
     ) -> None:
         self.tokenizer, self.workers = tokenizer, workers
         self.args = (keys, max_doc_bytes, dtype)
-        self.pool: Pool | None = None
+        self.pool: ProcessPoolExecutor | None = None
+        self.processes: dict[int, multiprocessing.process.BaseProcess] = {}
 
     def __enter__(self) -> Encoder:
         if self.workers > 1:
-            self.pool = multiprocessing.Pool(
+            self.pool = ProcessPoolExecutor(
                 self.workers, initializer=_init_worker, initargs=(str(self.tokenizer.path),)
             )
         return self
@@ -93,8 +103,11 @@ class Encoder:
         tb: TracebackType | None,
     ) -> None:
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            self.pool.shutdown(wait=exc_type is None, cancel_futures=True)
+            for process in self.processes.values():  # on an error: stop now, not after a chunk
+                if process.exitcode is None:
+                    process.kill()
+                process.join()
             self.pool = None
 
     def map(self, chunks: Iterable[Chunk]) -> Iterator[tuple[Chunk, Encoded]]:
@@ -102,13 +115,32 @@ class Encoder:
             for chunk in chunks:
                 yield chunk, encode_chunk(self.tokenizer, chunk.pieces, *self.args)
             return
-        pending: deque[tuple[Chunk, AsyncResult[Encoded]]] = deque()
+        pending: deque[tuple[Chunk, Future[Encoded]]] = deque()
         for chunk in chunks:
-            task = self.pool.apply_async(_encode_in_worker, (chunk.pieces, *self.args))
-            pending.append((chunk, task))
+            pending.append((chunk, self.pool.submit(_encode_in_worker, chunk.pieces, *self.args)))
+            # The executor starts workers as tasks arrive; remember them to name a dead one.
+            self.processes.update(getattr(self.pool, "_processes", None) or {})
             if len(pending) >= 2 * self.workers:
-                done, result = pending.popleft()
-                yield done, result.get()
+                yield self._next(pending)
         while pending:
-            done, result = pending.popleft()
-            yield done, result.get()
+            yield self._next(pending)
+
+    def _next(self, pending: deque[tuple[Chunk, Future[Encoded]]]) -> tuple[Chunk, Encoded]:
+        chunk, future = pending.popleft()
+        try:
+            return chunk, future.result()
+        except BrokenProcessPool as e:
+            raise WorkerDied(self._death()) from e
+
+    def _death(self) -> str:
+        for process in self.processes.values():
+            process.join(timeout=5)  # the exit code is set once the process is reaped
+        dead = [p for p in self.processes.values() if p.exitcode not in (None, 0)]
+        if not dead:
+            return "a tokenizing worker process died; rerun the same command to resume"
+        # The executor terminates the survivors (SIGTERM) once one dies: name the first one.
+        p = min(dead, key=lambda p: p.exitcode == -signal.SIGTERM)
+        code = p.exitcode or 0
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        oom = "; the kernel's OOM killer sends SIGKILL: lower --workers" if code == -9 else ""
+        return f"tokenizing worker pid {p.pid} died ({how}{oom}); rerun the same command to resume"

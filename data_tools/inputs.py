@@ -4,8 +4,10 @@ Formats, picked by file name:
   *.jsonl, *.jsonl.gz, *.jsonl.zst   one JSON object per line; the text under one or more keys
   *.txt, *.txt.gz, *.txt.zst         one document per line, or one per file (txt_doc_per_file)
 
-Compressed files are decompressed as a stream (.zst through the ``zstandard`` package, frames
-read one after another as ``zstd`` and ``pzstd`` write them); nothing is unpacked to disk.
+Compressed files are decompressed as a stream (.gz through zlib, .zst through the ``zstandard``
+package; gzip members and zstd frames read one after another, as ``pigz``, ``zstd`` and ``pzstd``
+write them); nothing is unpacked to disk. A truncated or corrupt stream raises CorruptInput
+naming the file and the compressed offset (never a silent early end).
 
 Reading comes in two halves, so that the costly one can run in worker processes:
 
@@ -23,12 +25,12 @@ Bad documents are not errors here: the caller decides whether to skip them or st
 from __future__ import annotations
 
 import glob
-import gzip
 import io
 import json
 import os
 import re
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -146,18 +148,98 @@ def source_fingerprint(paths: list[Path]) -> list[dict[str, Any]]:
     return out
 
 
+class CorruptInput(Exception):
+    """A compressed input that is truncated or corrupt; the message is one line."""
+
+    def __init__(self, path: Path, offset: int, delivered: int, why: str) -> None:
+        self.path, self.offset, self.delivered, self.why = path, offset, delivered, why
+        self.lost = max(path.stat().st_size - offset, 0)  # compressed bytes never decoded
+        super().__init__(
+            f"{path}: {why} at compressed byte {offset} of {path.stat().st_size} (after "
+            f"{delivered} bytes of text); re-fetch or re-compress the file, or pass "
+            "--on-error skip to keep what comes before it (the lost bytes are counted)"
+        )
+
+
+class _Decompressed(io.RawIOBase):
+    """A compressed file's decompressed bytes, frame after frame (gzip members, zstd frames).
+
+    Python's gzip module raises EOFError/BadGzipFile without the file's name, and zstandard's
+    stream reader simply stops at a truncated frame: this reader raises CorruptInput for both,
+    with the compressed offset up to which everything decoded."""
+
+    FEED = 1 << 16  # compressed bytes per step: bounds what one step can hold in memory
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = path.open("rb")
+        self.zstd = path.name.endswith(".zst")
+        self.decoder = self._new_decoder()
+        self.errors: tuple[type[Exception], ...] = (zlib.error,)
+        if self.zstd:
+            import zstandard
+
+            self.errors = (zstandard.ZstdError,)
+        self.fed = False  # the current frame has received bytes
+        self.offset = 0  # compressed bytes consumed whole
+        self.delivered = 0
+        self.pending = b""
+
+    def _new_decoder(self) -> Any:
+        if self.zstd:
+            import zstandard  # only .zst inputs need it
+
+            return zstandard.ZstdDecompressor().decompressobj()
+        return zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # one gzip member
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self.pending:
+            block = self.file.read(self.FEED)
+            if not block:
+                if self.fed:
+                    raise self._corrupt("the stream ends inside a compressed frame (truncated)")
+                return 0
+            self.pending = self._decode(block)
+            self.offset += len(block)
+        n = min(len(buffer), len(self.pending))
+        buffer[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        self.delivered += n
+        return n
+
+    def _decode(self, block: bytes) -> bytes:
+        out = []
+        while block:
+            if not self.fed and not self.zstd and not block.strip(b"\0"):
+                break  # zeros after the last gzip member: padding (tape, some writers)
+            self.fed = True
+            try:
+                out.append(self.decoder.decompress(block))
+            except self.errors as e:
+                raise self._corrupt(f"corrupt data ({e})") from e
+            if not self.decoder.eof:
+                break
+            block = self.decoder.unused_data  # the next gzip member or zstd frame
+            self.decoder, self.fed = self._new_decoder(), False
+        return b"".join(out)
+
+    def _corrupt(self, why: str) -> CorruptInput:
+        kind = "zstd" if self.zstd else "gzip"
+        return CorruptInput(self.path, self.offset, self.delivered, f"{kind} {why}")
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
 def open_binary(path: Path) -> IO[bytes]:
     # Binary on purpose: decoding each line ourselves turns bad UTF-8 into a counted problem at
     # its line instead of an exception that ends the whole file.
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if path.name.endswith(".zst"):
-        import zstandard  # only .zst inputs need it
-
-        reader = zstandard.ZstdDecompressor().stream_reader(
-            path.open("rb"), read_across_frames=True, closefd=True
-        )
-        return io.BufferedReader(reader, PIECE_BYTES)
+    if is_compressed(path):
+        return io.BufferedReader(_Decompressed(path), PIECE_BYTES)
     return path.open("rb")
 
 
@@ -167,48 +249,65 @@ def read_pieces(
     txt_doc_per_file: bool = False,
     max_doc_bytes: int = MAX_DOC_BYTES,
     piece_bytes: int = PIECE_BYTES,
+    on_corrupt: Callable[[CorruptInput], None] | None = None,
 ) -> Iterator[Piece]:
     """The file's documents from ``start`` on, in Pieces of whole lines of about piece_bytes.
 
     A line over max_doc_bytes (a whole .txt file with txt_doc_per_file) is a Piece without
-    data, read past in blocks: memory stays within max_doc_bytes + piece_bytes.
+    data, read past in blocks: memory stays within max_doc_bytes + piece_bytes. A corrupt
+    compressed stream raises CorruptInput, or, given on_corrupt, is reported to it and the
+    file ends at its last whole line before the damage.
     """
     with open_binary(path) as stream:
-        _skip(stream, start.offset)
-        if txt_doc_per_file and not is_json(path):
-            if start == Position():  # else the file's one document was done
-                yield _whole_file(str(path), stream, max_doc_bytes)
-            return
-        kind = "json" if is_json(path) else "text"
-        line, offset = start.line, start.offset
-        parts: list[bytes] = []  # the start of a line that goes on in the next block
-        pending = 0
-        block = stream.read(piece_bytes)
-        while block:
-            cut = block.rfind(b"\n") + 1
-            if cut:
-                data = b"".join([*parts, block[:cut]]) if parts else block[:cut]
-                lines = data.count(b"\n")
-                end = Position(offset + len(data), line + lines)
-                yield Piece(str(path), kind, line, data, len(data), end)
-                line, offset = end.line, end.offset
-                parts, pending = [block[cut:]], len(block) - cut
-            else:
-                parts.append(block)
-                pending += len(block)
-            block = b""
-            if pending > max_doc_bytes:  # a giant line: never held whole
-                nbytes, block = _read_past_line(stream, pending)
-                end = Position(offset + nbytes, line + 1)
-                yield Piece(str(path), kind, line, None, nbytes, end)
-                line, offset = end.line, end.offset
-                parts, pending = [], 0
-            block = block or stream.read(piece_bytes)
-        if pending:  # a last line without "\n"
-            data = b"".join(parts)
-            yield Piece(
-                str(path), kind, line, data, len(data), Position(offset + len(data), line + 1)
-            )
+        try:
+            yield from _pieces(path, stream, start, txt_doc_per_file, max_doc_bytes, piece_bytes)
+        except CorruptInput as e:
+            if on_corrupt is None:
+                raise
+            on_corrupt(e)
+
+
+def _pieces(
+    path: Path,
+    stream: IO[bytes],
+    start: Position,
+    txt_doc_per_file: bool,
+    max_doc_bytes: int,
+    piece_bytes: int,
+) -> Iterator[Piece]:
+    _skip(stream, start.offset)
+    if txt_doc_per_file and not is_json(path):
+        if start == Position():  # else the file's one document was done
+            yield _whole_file(str(path), stream, max_doc_bytes)
+        return
+    kind = "json" if is_json(path) else "text"
+    line, offset = start.line, start.offset
+    parts: list[bytes] = []  # the start of a line that goes on in the next block
+    pending = 0
+    block = stream.read(piece_bytes)
+    while block:
+        cut = block.rfind(b"\n") + 1
+        if cut:
+            data = b"".join([*parts, block[:cut]]) if parts else block[:cut]
+            lines = data.count(b"\n")
+            end = Position(offset + len(data), line + lines)
+            yield Piece(str(path), kind, line, data, len(data), end)
+            line, offset = end.line, end.offset
+            parts, pending = [block[cut:]], len(block) - cut
+        else:
+            parts.append(block)
+            pending += len(block)
+        block = b""
+        if pending > max_doc_bytes:  # a giant line: never held whole
+            nbytes, block = _read_past_line(stream, pending)
+            end = Position(offset + nbytes, line + 1)
+            yield Piece(str(path), kind, line, None, nbytes, end)
+            line, offset = end.line, end.offset
+            parts, pending = [], 0
+        block = block or stream.read(piece_bytes)
+    if pending:  # a last line without "\n"
+        data = b"".join(parts)
+        yield Piece(str(path), kind, line, data, len(data), Position(offset + len(data), line + 1))
 
 
 def _skip(stream: IO[bytes], offset: int) -> None:

@@ -26,8 +26,14 @@ chunks of about 1 MB; the workers parse, check and tokenize them.
 
 Bad documents (malformed JSON, missing key, non-string value, invalid UTF-8, empty document,
 giant document over --max-doc-bytes) are counted by reason, and the first few are printed as
-file:line: reason. --on-error fail stops at the first one with exit status 1 (keeping only
-shards completed before it).
+file:line: reason. A truncated or corrupt compressed file stops the run with exit status 1,
+naming the file and the compressed offset. --on-error fail stops at the first bad document too;
+--on-error skip also goes on after a corrupt compressed file, keeping its text up to the damage
+and printing the compressed bytes lost (also in the manifest's lost_input). A run that stops
+keeps only shards completed before it: without --shard-size, no output (an earlier one is left
+as it was). A worker process that dies (e.g. the OOM killer) stops the run the same way, with
+exit status 1 and the worker's pid and signal; a rerun resumes after the complete shards.
+A full disk or unwritable output stops it with one line naming the file and the errno.
 """
 
 from __future__ import annotations
@@ -47,9 +53,10 @@ if __name__ == "__main__" and not __package__:  # run as a file: the repo root i
 import numpy as np
 from tqdm import tqdm
 
-from data_tools.encoder import Chunk, Encoder
+from data_tools.encoder import Chunk, Encoder, WorkerDied
 from data_tools.inputs import (
     MAX_DOC_BYTES,
+    CorruptInput,
     InputError,
     Piece,
     Position,
@@ -69,13 +76,15 @@ from data_tools.shards import (
     end_of,
     intact_shards,
     load_manifest,
-    manifest_path,
     remove_stale_temporaries,
     shard_entry,
+    shard_path,
     shard_prefix,
     write_manifest,
 )
+from megatron_llm.atomic import WriteFailed, write_failed
 from megatron_llm.data.indexed import ShardWriter
+from megatron_llm.data.manifest import manifest_path, stored_prefix
 from megatron_llm.data.tokenizer import Tokenizer, TokenizerError
 
 CHUNK_BYTES = 1 << 20  # raw input per worker task: amortizes the hand-over, bounds memory
@@ -96,12 +105,13 @@ class Job:
     tokenizer: Tokenizer
     dtype: type[np.unsignedinteger] | type[np.signedinteger]
     txt_doc_per_file: bool
-    on_error: str
+    on_error: str | None  # None: skip bad documents, stop at corrupt files
     workers: int
     shard_size: int | None  # input bytes per shard; None: one shard
     max_doc_bytes: int
     shards: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # key -> done shards
     problems_shown: list[str] = field(default_factory=list)
+    lost: list[dict[str, Any]] = field(default_factory=list)  # corrupt input skipped
     bytes_read: int = 0
     seconds: float = 0.0  # tokenizing and writing, without the one-off imports and pool start
 
@@ -140,7 +150,7 @@ def previous_shards(job: Job, force: bool) -> tuple[bool, dict[str, list[dict[st
         m = None if force else load_manifest(prefix)
         if m is None or any(m.get(k) != v for k, v in identity(job, key).items()):
             return False, {k: [] for k in job.prefixes}
-        kept[key] = intact_shards(m)
+        kept[key] = intact_shards(prefix, m)
         complete = complete and m.get("complete") is True and kept[key] == m.get("shards")
     count = min(len(v) for v in kept.values())
     return complete, {k: v[:count] for k, v in kept.items()}
@@ -165,8 +175,21 @@ def all_pieces(job: Job, start: tuple[int, Position]) -> Iterator[tuple[int, Pie
     for index in range(start[0], len(job.paths)):
         position = start[1] if index == start[0] else Position()
         path = job.paths[index]
-        for piece in read_pieces(path, position, job.txt_doc_per_file, job.max_doc_bytes):
+        skip = (lambda e: note_lost(job, e)) if job.on_error == "skip" else None
+        pieces = read_pieces(
+            path, position, job.txt_doc_per_file, job.max_doc_bytes, on_corrupt=skip
+        )
+        for piece in pieces:
             yield index, piece
+
+
+def note_lost(job: Job, e: CorruptInput) -> None:
+    print(
+        f"LOST INPUT: {e.path}: {e.why} at compressed byte {e.offset}: its last {e.lost} "
+        "compressed bytes are skipped (--on-error skip)",
+        file=sys.stderr,
+    )
+    job.lost.append({"file": str(e.path), "offset": e.offset, "lost_bytes": e.lost, "why": e.why})
 
 
 def shard_cut(piece: Piece, need: int) -> int:
@@ -224,8 +247,13 @@ class Output:
             if key not in self.writers:
                 self.add(key, np.zeros(0, self.job.dtype), np.zeros(0, np.int32))
             writer = self.writers.pop(key)
+            if not self.job.shards[key]:
+                # A fresh output: the old manifest describes files about to be replaced. Kept
+                # until now, so that a failure before this point leaves the old output whole.
+                manifest_path(self.job.prefixes[key]).unlink(missing_ok=True)
             writer.commit()
-            entry = shard_entry(Path(writer.prefix), self.stats[key], end)
+            prefix = self.job.prefixes[key]
+            entry = shard_entry(prefix, Path(writer.prefix), self.stats[key], end, writer)
             self.job.shards[key].append(entry)
             write_manifest(self.job.prefixes[key], manifest(self.job, key, complete=False))
         self.stats = {key: ShardStats() for key in self.job.prefixes}
@@ -279,7 +307,7 @@ def manifest(job: Job, key: str, complete: bool) -> dict[str, Any]:
     return {
         **identity(job, key),
         "complete": complete,
-        "prefix": str(job.prefixes[key]),
+        "prefix": stored_prefix(manifest_path(job.prefixes[key]), job.prefixes[key]),
         "documents": total.documents,
         "tokens": total.tokens,
         "dtype": np.dtype(job.dtype).name,
@@ -288,7 +316,9 @@ def manifest(job: Job, key: str, complete: bool) -> dict[str, Any]:
             "vocab_size": job.tokenizer.vocab_size,
             "eod": job.tokenizer.eod,
         },
+        "max_token_id": max((s["max_token_id"] for s in shards), default=-1),
         "skipped": dict(sorted(total.skipped.items())),
+        "lost_input": job.lost,
         "encoding": job.tokenizer.split,  # how texts were cut before encoding (same ids)
         "shards": shards,
         **({"files": shards[0]["files"]} if single else {}),
@@ -299,9 +329,6 @@ def run(job: Job) -> None:
     """Tokenize the inputs from where the kept shards end; commit shard by shard."""
     kept = next(iter(job.shards.values()))
     start = end_of(kept[-1]) if kept else (0, Position())
-    if job.shard_size is None:
-        for prefix in job.prefixes.values():
-            manifest_path(prefix).unlink(missing_ok=True)  # the old shard is about to go
     output = Output(job)
     try:
         tokenize_into(job, output, start)
@@ -381,7 +408,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--workers", type=int, default=usable_cpus(), help="tokenizing processes (default: cores)"
     )
-    p.add_argument("--on-error", choices=["skip", "fail"], default="skip", help="on a bad document")
+    p.add_argument(
+        "--on-error",
+        choices=["skip", "fail"],
+        help="skip: count bad documents and go on, also past a corrupt compressed file (the "
+        "lost bytes are reported); fail: stop at the first bad document. Default: skip bad "
+        "documents, stop at a corrupt compressed file",
+    )
     p.add_argument(
         "--shard-size",
         type=parse_size,
@@ -410,7 +443,7 @@ def summary(job: Job, reused: bool) -> dict[str, Any]:
             {
                 "prefix": str(job.prefixes[key]),
                 "json_key": key,
-                "shards": [s["prefix"] for s in job.shards[key]],
+                "shards": [str(shard_path(job.prefixes[key], s)) for s in job.shards[key]],
                 "documents": total.documents,
                 "tokens": total.tokens,
                 "skipped": dict(sorted(total.skipped.items())),
@@ -422,6 +455,7 @@ def summary(job: Job, reused: bool) -> dict[str, Any]:
         "seconds": round(job.seconds, 3),
         "bytes": job.bytes_read,
         "workers": job.workers,
+        "lost_input": job.lost,
         "mb_per_s": round(job.bytes_read / 1e6 / seconds, 3) if job.seconds else None,
         "tokens_per_s": round(tokens / seconds) if job.seconds else None,
         "outputs": outputs,
@@ -445,11 +479,24 @@ def report(job: Job, result: dict[str, Any], resumed: int) -> None:
             f"wrote {where}: {out['documents']:_} documents, {out['tokens']:_} tokens; "
             f"skipped: {skipped}"
         )
+    for lost in job.lost:
+        print(
+            f"LOST INPUT: {lost['file']}: {lost['lost_bytes']} compressed bytes after byte "
+            f"{lost['offset']} ({lost['why']})",
+            file=sys.stderr,
+        )
     docs = sum(o["documents"] for o in result["outputs"])
     print(
         f"{result['bytes'] / 1e6:.1f} MB in {seconds:.1f}s with {job.workers} worker(s): "
         f"{result['bytes'] / 1e6 / seconds:.2f} MB/s, {docs / seconds:,.0f} docs/s (this run)"
     )
+
+
+def make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_failed(folder, e) from e
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -468,16 +515,19 @@ def main(argv: list[str] | None = None) -> int:
         for prefix in job.prefixes.values():
             print(f"reusing {prefix}: the manifest matches inputs and tokenizer (--force redoes)")
     else:
-        for prefix in job.prefixes.values():
-            prefix.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(prefix)
+        kept = "; the complete shards are kept" if job.shard_size else "; no output written"
         try:
+            for prefix in job.prefixes.values():
+                make_folder(prefix.parent)
+                remove_stale_temporaries(prefix)
             run(job)
         except BadInput as e:
-            kept = "; the complete shards are kept" if job.shard_size else "; no output written"
             print(f"error: {e}{kept}", file=sys.stderr)
             if job.on_error == "fail":
                 print("  (--on-error skip counts and skips bad documents)", file=sys.stderr)
+            return 1
+        except (CorruptInput, WorkerDied, WriteFailed) as e:
+            print(f"error: {e}{kept}", file=sys.stderr)
             return 1
     result = summary(job, reused)
     if not reused:

@@ -10,16 +10,20 @@ sharded preprocess.py output (OUT_KEY_document, whose manifest lists OUT_KEY_doc
 inspect   documents, tokens, dtype, a histogram of document lengths; --decode N prints
           document N as text (needs --tokenizer); --json for a script
 verify    checks each .idx (magic, version, dtype, sizes) against its .bin (pointers, length;
-          token ids against the manifest's vocabulary when there is one); prints what is wrong,
-          naming the file; exit status 1 if anything is
+          token ids against the manifest's vocabulary when there is one), and against the
+          manifest that lists it (sizes, sha256; found relative to the shard, never the current
+          folder); an output prefix whose manifest says its run did not finish is INCOMPLETE.
+          Prints what is wrong, naming the file; exit status 1 if anything is
 merge     concatenates shards (same dtype) into one, streaming, written to a temporary name and
-          renamed; its manifest names the sources and keeps their tokenizer's sha256
+          renamed; its manifest (OUT_DIR/manifests/) names the sources, keeps their tokenizer's
+          sha256 and records the merged files' sha256
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,8 +33,19 @@ if __name__ == "__main__" and not __package__:  # run as a file: the repo root i
 
 import numpy as np
 
-from data_tools.shards import load_manifest, write_manifest
+from data_tools.shards import write_manifest
+from megatron_llm.atomic import WriteFailed
 from megatron_llm.data.indexed import IndexedShard, ShardError, ShardWriter, verify
+from megatron_llm.data.manifest import (
+    ManifestError,
+    find_manifest,
+    legacy_manifest_path,
+    manifest_path,
+    read_manifest,
+    shard_prefixes,
+    stored_prefix,
+)
+from megatron_llm.data.shard_checks import file_sha256
 
 COPY_TOKENS = 1 << 24  # merge copies this many tokens at a time: memory stays flat
 
@@ -41,10 +56,18 @@ def expand(spec: str) -> list[Path]:
         if spec.endswith(ext):
             return [Path(spec[: -len(ext)])]
     prefix = Path(spec)
-    manifest = load_manifest(prefix)
-    if manifest and manifest.get("shards"):
-        return [Path(s["prefix"]) for s in manifest["shards"]]
+    found = output_manifest(prefix)
+    if found and found[1].get("shards") and not Path(f"{prefix}.idx").exists():
+        return shard_prefixes(*found)
     return [prefix]
+
+
+def output_manifest(prefix: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The manifest of output prefix (sharded or not), in its current or its legacy place."""
+    for path in (manifest_path(prefix), legacy_manifest_path(prefix)):
+        if (manifest := read_manifest(path)) is not None:
+            return path, manifest
+    return None
 
 
 def histogram(lengths: np.ndarray, bins: int = 8) -> list[tuple[int, int, int]]:
@@ -107,36 +130,62 @@ def decode(shards: list[IndexedShard], number: int, tokenizer: Path | None) -> s
 
 
 def verify_cmd(args: argparse.Namespace) -> int:
+    """Each SHARD's structure, its manifest's sizes and sha256, its token ids; and for an output
+    prefix, that its manifest says complete and lists only shards that are there."""
     bad = 0
-    for prefix in (p for spec in args.shards for p in expand(spec)):
-        vocab = args.vocab_size
-        manifest = load_manifest(prefix.parent / prefix.name)
-        parent = load_manifest(Path(str(prefix).rsplit("_", 1)[0]))
-        for m in (manifest, parent):
-            if vocab is None and m and "tokenizer" in m:
-                vocab = m["tokenizer"].get("vocab_size")
-        problems = verify(prefix, vocab)
-        bad += bool(problems)
-        for problem in problems:
-            print(f"BAD {problem}")
-        if not problems:
-            print(f"ok  {prefix}")
+    for spec in args.shards:
+        output = None if spec.endswith((".bin", ".idx")) else output_manifest(Path(spec))
+        if output and output[1].get("complete") is False:
+            listed = len(output[1].get("shards", []))
+            print(
+                f"INCOMPLETE {spec}: {output[0]} says the run that made it did not finish "
+                f"({listed} shard(s) listed); rerun the same preprocess.py command to complete it"
+            )
+            bad += 1
+        for prefix in expand(spec):
+            problems = verify_one(prefix, args.vocab_size)
+            bad += bool(problems)
+            for problem in problems:
+                print(f"BAD {problem}")
+            if not problems:
+                print(f"ok  {prefix}")
     if bad:
-        print(f"{bad} shard(s) failed verification; re-run preprocess.py for them", file=sys.stderr)
+        print(f"{bad} problem(s) found; re-run preprocess.py for them", file=sys.stderr)
     return 1 if bad else 0
+
+
+def verify_one(prefix: Path, vocab_size: int | None) -> list[str]:
+    try:
+        vouched = find_manifest(prefix)
+    except ManifestError as e:
+        return [str(e)]
+    if vouched is not None and vocab_size is None:
+        vocab_size = vouched.manifest.get("tokenizer", {}).get("vocab_size")
+    problems = verify(prefix, vocab_size)
+    if problems or vouched is None or "shards" not in vouched.manifest:
+        return problems
+    entry = vouched.entry
+    if entry is None:
+        return [f"{prefix}: not listed in {vouched.path}: a leftover of another or unfinished run"]
+    for ext in (".bin", ".idx"):
+        size, digest = entry.get("files", {}).get(ext), entry.get("sha256", {}).get(ext)
+        have = Path(f"{prefix}{ext}").stat().st_size
+        if size is not None and have != size:
+            problems.append(f"{prefix}{ext}: {have} bytes, but {vouched.path} lists {size}")
+        elif digest is not None and file_sha256(f"{prefix}{ext}") != digest:
+            problems.append(f"{prefix}{ext}: sha256 differs from {vouched.path}: corrupt data")
+    return problems
 
 
 def merge(args: argparse.Namespace) -> int:
     prefixes = [p for spec in args.shards for p in expand(spec)]
-    shards = [IndexedShard(p) for p in prefixes]
+    shards = [IndexedShard(p) for p in prefixes]  # structure checked on opening
     dtypes = {s.index.dtype for s in shards}
     if len(dtypes) != 1:
         names = ", ".join(f"{p} ({s.index.dtype})" for p, s in zip(prefixes, shards))
         raise SystemExit(f"error: shards of different dtypes cannot merge: {names}")
-    manifests = [
-        load_manifest(p) or load_manifest(Path(str(p).rsplit("_", 1)[0])) for p in prefixes
-    ]
-    hashes = {m.get("tokenizer_sha256") for m in manifests if m}
+    vouched = [find_manifest(p) for p in prefixes]
+    hashes = {v.manifest.get("tokenizer_sha256") for v in vouched if v}
     if len(hashes) > 1:
         raise SystemExit(
             "error: the shards' manifests name different tokenizers; merge each set apart"
@@ -164,15 +213,28 @@ def merge(args: argparse.Namespace) -> int:
     finally:
         writer.abort()
     merged = IndexedShard(args.output)
+    path = manifest_path(args.output)
     write_manifest(
         args.output,
         {
             "format": "megatron_llm/merge",
-            "version": 1,
-            "sources": [str(p) for p in prefixes],
+            "version": 2,
+            "complete": True,
+            "sources": [str(p.resolve()) for p in prefixes],
             "tokenizer_sha256": hashes.pop() if hashes else None,
+            "prefix": stored_prefix(path, args.output),
             "documents": len(merged),
             "tokens": int(merged.index.lengths.sum(dtype=np.int64)),
+            "max_token_id": writer.max_token_id,
+            "shards": [
+                {
+                    "prefix": stored_prefix(path, args.output),
+                    "documents": len(merged),
+                    "files": {e: os.path.getsize(f"{args.output}{e}") for e in (".bin", ".idx")},
+                    "sha256": writer.sha256,
+                    "max_token_id": writer.max_token_id,
+                }
+            ],
         },
     )
     print(f"merged {len(prefixes)} shard(s) into {args.output}.bin/.idx: {len(merged):_} documents")
@@ -209,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return args.func(args)
-    except ShardError as e:
+    except (ShardError, ManifestError, WriteFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from data_tools import make_corpus, preprocess, train_tokenizer
+from megatron_llm.data.manifest import manifest_path, resolve_shard
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 VOCAB = 512
@@ -26,6 +27,15 @@ class Corpus:
 class Shard:
     prefix: str  # PATH_text_document, without .bin/.idx
     corpus: Corpus
+
+
+def output_manifest(prefix: str | Path) -> dict:
+    """The manifest of a preprocess.py output, its shard prefixes resolved to paths."""
+    path = manifest_path(prefix)
+    manifest = json.loads(path.read_text())
+    for shard in manifest.get("shards", []):
+        shard["prefix"] = str(resolve_shard(path, shard["prefix"]))
+    return manifest
 
 
 def _corpus(root: Path, package: str) -> Corpus:

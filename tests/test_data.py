@@ -21,9 +21,10 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from data_tools import make_corpus, preprocess, train_tokenizer
 from megatron_llm.data.config import DataConfig
 from megatron_llm.data.dataset import build_datasets
+from megatron_llm.data.manifest import manifest_path
 from megatron_llm.data.sampler import micro_batches
 from megatron_llm.data.tokenizer import Tokenizer, TokenizerError
-from tests.data_fixtures import STDLIB, VOCAB, Corpus, Shard
+from tests.data_fixtures import STDLIB, VOCAB, Corpus, Shard, output_manifest
 from tests.distributed import run_on_ranks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,7 +159,7 @@ def test_shard_holds_each_document_then_eod(email_shard: Shard, bpe_model: Path)
     tok = Tokenizer(bpe_model)
     assert shard_tokens(email_shard.prefix) == expected_tokens(tok, email_shard.corpus.docs)
     assert IndexedDataset(email_shard.prefix).index.dtype == np.uint16
-    manifest = json.loads(Path(f"{email_shard.prefix}.manifest.json").read_text())
+    manifest = output_manifest(email_shard.prefix)
     assert manifest["documents"] == len(email_shard.corpus.docs)
     assert manifest["tokens"] == sum(map(len, expected_tokens(tok, email_shard.corpus.docs)))
     assert manifest["tokenizer_sha256"] == hashlib.sha256(bpe_model.read_bytes()).hexdigest()
@@ -203,7 +204,7 @@ def test_bad_documents_are_counted_reported_and_skipped(
     assert f"{bad}:3: field 'text' missing (fields present: 'body'); use --json-keys" in err
     assert f"{bad}:4: field 'text' is int, expected a string" in err
     assert f"{bad}:5: invalid UTF-8" in err
-    manifest = json.loads((tmp_path / "out_text_document.manifest.json").read_text())
+    manifest = output_manifest(tmp_path / "out_text_document")
     assert manifest["skipped"] == {
         "empty document": 1,
         "invalid UTF-8": 2,
@@ -232,7 +233,8 @@ def test_rerun_reuses_and_changes_rebuild(
 ) -> None:
     corpus = tmp_path / "c.jsonl"
     shutil.copy(email_corpus.jsonl, corpus)
-    files = [tmp_path / f"out_text_document{e}" for e in (".bin", ".idx", ".manifest.json")]
+    files = [tmp_path / f"out_text_document{e}" for e in (".bin", ".idx")]
+    files.append(manifest_path(tmp_path / "out_text_document"))
     assert run_preprocess(tmp_path, [corpus], bpe_model) == 0
     stamps = [f.stat().st_mtime_ns for f in files]
     capsys.readouterr()
@@ -258,7 +260,7 @@ def test_several_json_keys_give_several_shards(tmp_path: Path, bpe_model: Path) 
         tok, ["a = 1\n", "b = 2\n", "c"]
     )
     assert shard_tokens(tmp_path / "out_title_document") == expected_tokens(tok, ["first", "t"])
-    title = json.loads((tmp_path / "out_title_document.manifest.json").read_text())
+    title = output_manifest(tmp_path / "out_title_document")
     assert title["skipped"] == {"missing key": 1}
     gz = tmp_path / "gz"
     gz.mkdir()
@@ -426,8 +428,10 @@ def test_two_gloo_ranks_build_once_and_agree(
 ) -> None:
     # A private copy of the email shard, so its default cache (PREFIX/cache/) starts empty.
     fresh = str(tmp_path / "email_text_document")
-    for ext in (".bin", ".idx", ".manifest.json"):
+    for ext in (".bin", ".idx"):
         shutil.copy(f"{email_shard.prefix}{ext}", f"{fresh}{ext}")
+    manifest_path(fresh).parent.mkdir()
+    shutil.copy(manifest_path(email_shard.prefix), manifest_path(fresh))
     cases = [
         ([fresh, small_shard.prefix], str(tmp_path / "cache"), str(bpe_model)),  # blended
         ([fresh], None, str(bpe_model)),  # megatron-core's default cache beside the shard

@@ -20,8 +20,9 @@ from megatron_llm.data import split_encode
 from megatron_llm.data.config import DataConfig
 from megatron_llm.data.dataset import build_datasets
 from megatron_llm.data.indexed import IndexedShard
+from megatron_llm.data.manifest import manifest_path
 from megatron_llm.data.tokenizer import Tokenizer, TokenizerError
-from tests.data_fixtures import Corpus, Shard
+from tests.data_fixtures import Corpus, Shard, output_manifest
 
 
 def docs_of(prefixes: list[str | Path]) -> list[list[int]]:
@@ -43,7 +44,7 @@ def zst(data: bytes, frames: int = 1) -> bytes:
 def run(out: Path, source: Path, tokenizer: Path | str, *extra: str) -> dict:
     argv = ["--input", str(source), "--tokenizer", str(tokenizer), "--output-prefix", str(out)]
     assert preprocess.main([*argv, "--workers", "1", *extra]) == 0
-    return json.loads(Path(f"{out}_text_document.manifest.json").read_text())
+    return output_manifest(f"{out}_text_document")
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -116,7 +117,7 @@ def test_zst_and_gz_inputs_give_the_same_shards_and_resume_positions(
     assert [s["end"] for s in manifest["shards"]] == [s["end"] for s in plain["shards"]]
     expected = docs_of([s["prefix"] for s in manifest["shards"]])
     manifest["shards"], manifest["complete"] = manifest["shards"][:2], False
-    Path(f"{crashed}_text_document.manifest.json").write_text(json.dumps(manifest))
+    manifest_path(f"{crashed}_text_document").write_text(json.dumps(manifest))
     for path in tmp_path.glob("crashed_text_document_0000[2-9].*"):
         path.unlink()
     resumed = run(crashed, tmp_path / "c.jsonl.zst", bpe_model, "--shard-size", "60K")

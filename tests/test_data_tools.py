@@ -18,8 +18,9 @@ import pytest
 
 from data_tools import preprocess, shards_cli
 from megatron_llm.data.indexed import IndexedShard, ShardWriter, verify
+from megatron_llm.data.manifest import manifest_path
 from megatron_llm.data.tokenizer import Tokenizer
-from tests.data_fixtures import Corpus, Shard
+from tests.data_fixtures import Corpus, Shard, output_manifest
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -39,7 +40,7 @@ def docs_of(prefixes: list[str | Path]) -> list[list[int]]:
 def sharded(tmp: Path, corpus: Path, model: Path, *extra: str) -> dict:
     argv = ["--input", str(corpus), "--tokenizer", str(model), "--output-prefix", str(tmp / "o")]
     assert preprocess.main([*argv, "--shard-size", "60K", "--workers", "1", *extra]) == 0
-    return json.loads((tmp / "o_text_document.manifest.json").read_text())
+    return output_manifest(tmp / "o_text_document")
 
 
 def files_state(paths: list[Path]) -> list[tuple[int, int]]:
@@ -87,7 +88,7 @@ def test_rerun_after_a_crash_keeps_complete_shards_and_resumes(
     # What a run killed after shard 2 leaves: the manifest lists shards 0-1 and is incomplete,
     # shard 2 was renamed into place but never listed, shard 3 is a temporary file.
     manifest["shards"], manifest["complete"] = manifest["shards"][:2], False
-    (crashed / "o_text_document.manifest.json").write_text(json.dumps(manifest))
+    manifest_path(crashed / "o_text_document").write_text(json.dumps(manifest))
     for path in crashed.glob("o_text_document_0000[3-9].*"):
         path.unlink()
     (crashed / "o_text_document_00003.tmp-99999.bin").write_bytes(b"partial")
@@ -117,17 +118,17 @@ def test_killed_process_resumes_to_the_same_shards(
     cmd = [sys.executable, str(REPO / "data_tools/preprocess.py"), "--input", str(corpus)]
     cmd += ["--tokenizer", str(bpe_model), "--output-prefix", str(out), "--workers", "1"]
     cmd += ["--shard-size", "100K"]
-    manifest_file = tmp_path / "out_text_document.manifest.json"
+    manifest_file = manifest_path(tmp_path / "out_text_document")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not manifest_file.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    at_kill = json.loads(manifest_file.read_text())
+    at_kill = output_manifest(tmp_path / "out_text_document")
     assert at_kill["complete"] is False, "the run ended before it could be killed"
     assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
-    resumed = json.loads(manifest_file.read_text())
+    resumed = output_manifest(tmp_path / "out_text_document")
     assert resumed["complete"] and resumed["shards"][: len(at_kill["shards"])] == at_kill["shards"]
     tok = Tokenizer(bpe_model)
     expected = [tok.encode(d) + [tok.eod] for d in email_corpus.docs] * 6
@@ -155,7 +156,7 @@ def test_giant_and_invalid_documents_are_counted_without_stopping(
     err = capsys.readouterr().err
     assert f"{src}:2: document of {len(giant) + 1} bytes, over --max-doc-bytes=4000" in err
     assert f"{src}:3: invalid UTF-8" in err
-    manifest = json.loads((tmp_path / "o_text_document.manifest.json").read_text())
+    manifest = output_manifest(tmp_path / "o_text_document")
     assert manifest["skipped"] == {"giant document": 1, "invalid UTF-8": 1}
     tok = Tokenizer(bpe_model)
     assert docs_of([tmp_path / "o_text_document"]) == [
@@ -282,7 +283,7 @@ def test_inspect_and_merge(
     assert shards_cli.main(argv) == 0
     assert docs_of([merged]) == expected + docs_of([small_shard.prefix])
     assert verify(merged, vocab_size=512) == []
-    manifest = json.loads(Path(f"{merged}.manifest.json").read_text())
+    manifest = output_manifest(merged)
     assert manifest["tokenizer_sha256"] == Tokenizer(bpe_model).sha256
     merged_theirs = IndexedDataset(str(merged))
     assert len(merged_theirs) == len(expected) + len(docs_of([small_shard.prefix]))

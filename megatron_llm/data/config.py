@@ -15,6 +15,9 @@ class DataConfig:
     )
     split: str = "98,2,0"  # train,valid,test proportions of documents, Megatron style
     cache_dir: str | None = None  # where sample indices are cached; null = beside the shards
+    # Check every shard before training (structure, manifest sha256 and tokenizer, token ids
+    # inside the vocabulary: megatron_llm/data/shard_checks.py); false skips all of it.
+    verify: bool = True
     # Fine-tuning instead of shards: a jsonl of {"prompt": ..., "response": ...} records.
     prompt_response_jsonl: str | None = None
     mask_prompt: bool = True  # with prompt_response_jsonl: no loss on the prompt's tokens

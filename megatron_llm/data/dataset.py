@@ -26,7 +26,6 @@ another node wrote, so an unshared cache costs time but never hangs.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -47,6 +46,9 @@ from megatron.core.datasets.utils import Split
 
 from megatron_llm.atomic import open_atomic, write_atomic
 from megatron_llm.data.config import DataConfig
+from megatron_llm.data.indexed import ShardError
+from megatron_llm.data.manifest import ManifestError
+from megatron_llm.data.shard_checks import check_shard
 from megatron_llm.data.tokenizer import Tokenizer
 
 
@@ -120,32 +122,27 @@ def _open_shard(index: int, prefix: str, cfg: DataConfig, tokenizer: Tokenizer) 
             f"PREFIX.bin + PREFIX.idx); make it with data_tools/preprocess.py, whose "
             "--output-prefix OUT writes OUT_text_document.bin/.idx"
         )
-    _check_tokenizer(prefix, tokenizer)
-    indexed = IndexedDataset(prefix)
-    # sequence_lengths views the .idx mmap, which closes with `indexed`: use it before then.
-    documents, tokens = len(indexed.sequence_lengths), int(indexed.sequence_lengths.sum())
-    del indexed
+    if cfg.verify:
+        try:
+            checked = check_shard(
+                prefix,
+                vocab_size=tokenizer.vocab_size,
+                tokenizer_sha256=tokenizer.sha256,
+                cache_dir=cfg.cache_dir,
+                tokenizer_name=str(tokenizer.path),
+            )
+        except (ShardError, ManifestError) as e:
+            raise ValueError(f"data.prefixes[{index}]: {e}") from e
+        documents, tokens = checked.documents, checked.tokens
+    else:
+        indexed = IndexedDataset(prefix)
+        # sequence_lengths views the .idx mmap, which closes with `indexed`: use it before then.
+        documents, tokens = len(indexed.sequence_lengths), int(indexed.sequence_lengths.sum())
+        del indexed
     # "By size" means by tokens, which is proportional to the samples an epoch holds. Passing
     # these weights (not None) makes megatron-core build enough epochs of every shard.
     weight = float(tokens) if cfg.weights is None else cfg.weights[index]
     return Shard(prefix, weight, documents, tokens)
-
-
-def _check_tokenizer(prefix: str, tokenizer: Tokenizer) -> None:
-    # Shards from our preprocess.py name their tokenizer; Megatron-LM's have no manifest.
-    manifest = Path(f"{prefix}.manifest.json")
-    if not manifest.is_file():
-        return
-    try:
-        made_with = json.loads(manifest.read_text()).get("tokenizer_sha256")
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{manifest}: not valid JSON ({e}); re-run preprocess.py") from e
-    if made_with is not None and made_with != tokenizer.sha256:
-        raise ValueError(
-            f"{prefix}: made with a different tokenizer than {tokenizer.path} (sha256 "
-            f"{made_with[:12]}... in {manifest} vs {tokenizer.sha256[:12]}...); point "
-            "data.tokenizer at the model the shard was made with, or re-run preprocess.py"
-        )
 
 
 def _base_config(cfg: DataConfig, seq_length: int, seed: int, tok: Tokenizer) -> dict[str, Any]:

@@ -29,11 +29,19 @@ sees half a shard, and an interrupted write leaves the previous shard, if any, u
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+
+from megatron_llm.atomic import write_failed
+
+T = TypeVar("T")
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -56,7 +64,13 @@ class ShardError(ValueError):
 
 
 class ShardWriter:
-    """Appends documents to P.tmp-PID.bin; commit() writes the index and renames both files."""
+    """Appends documents to P.tmp-PID.bin; commit() writes the index and renames both files.
+
+    It hashes what it writes (``sha256`` per extension after commit) and keeps the largest
+    token id (``max_token_id``, -1 for no tokens), which manifests record for readers to check.
+    A failing write (full disk, read-only folder) raises WriteFailed naming the file and the
+    errno; the caller's abort() then removes the temporaries.
+    """
 
     def __init__(self, prefix: str | Path, dtype: type) -> None:
         self.prefix = str(prefix)
@@ -64,42 +78,77 @@ class ShardWriter:
         if self.dtype not in CODES:
             raise ValueError(f"dtype {self.dtype} has no MMIDIDX code; use one of {list(CODES)}")
         self.tmp = f"{self.prefix}.tmp-{os.getpid()}"
-        self.data = open(f"{self.tmp}.bin", "wb")  # noqa: SIM115 (closed by commit/abort)
         self.lengths: list[np.ndarray] = []
         self.done = False
+        self.bin_hash = hashlib.sha256()
+        self.sha256: dict[str, str] = {}
+        self.max_token_id = -1
+        self.data = None
+        self.data = self._guard(f"{self.tmp}.bin", lambda: open(f"{self.tmp}.bin", "wb"))  # noqa: SIM115
+
+    def _guard(self, path: str, action: Callable[[], T]) -> T:
+        try:
+            return action()
+        except OSError as e:
+            raise write_failed(path, e) from e
 
     def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Documents whose tokens are concatenated in ``tokens``, ``lengths[i]`` each."""
         assert int(lengths.sum()) == len(tokens), "lengths must add up to the tokens"
-        self.data.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
+        raw = np.ascontiguousarray(tokens, dtype=self.dtype)
+        if len(raw):
+            self.max_token_id = max(self.max_token_id, int(raw.max()))
+        data = raw.tobytes()
+        self.bin_hash.update(data)
+        self._guard(f"{self.tmp}.bin", lambda: self.data.write(data))
         self.lengths.append(np.asarray(lengths, dtype=np.int32))
 
     def commit(self) -> None:
-        self.data.close()
+        self._guard(f"{self.tmp}.bin", self._close_data)
         lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int32)
         pointers = np.zeros(len(lengths), dtype=np.int64)
         np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
         pointers *= self.dtype.itemsize
         bounds = np.arange(len(lengths) + 1, dtype=np.int64)
-        with open(f"{self.tmp}.idx", "wb") as f:
-            f.write(MAGIC)
-            f.write(np.array([VERSION], "<u8").tobytes())
-            f.write(np.array([CODES[self.dtype]], "<u1").tobytes())
-            f.write(np.array([len(lengths), len(bounds)], "<u8").tobytes())
-            f.write(lengths.astype("<i4").tobytes())
-            f.write(pointers.astype("<i8").tobytes())
-            f.write(bounds.astype("<i8").tobytes())
+        index = b"".join(
+            [
+                MAGIC,
+                np.array([VERSION], "<u8").tobytes(),
+                np.array([CODES[self.dtype]], "<u1").tobytes(),
+                np.array([len(lengths), len(bounds)], "<u8").tobytes(),
+                lengths.astype("<i4").tobytes(),
+                pointers.astype("<i8").tobytes(),
+                bounds.astype("<i8").tobytes(),
+            ]
+        )
+        self._guard(f"{self.tmp}.idx", lambda: _write_synced(f"{self.tmp}.idx", index))
+        self.sha256 = {".bin": self.bin_hash.hexdigest(), ".idx": hashlib.sha256(index).hexdigest()}
         os.replace(f"{self.tmp}.bin", f"{self.prefix}.bin")
         os.replace(f"{self.tmp}.idx", f"{self.prefix}.idx")
         self.done = True
 
+    def _close_data(self) -> None:
+        # fsync before the rename: after a power cut a shard is whole or absent, never zeros.
+        self.data.flush()
+        os.fsync(self.data.fileno())
+        self.data.close()
+
     def abort(self) -> None:
         if self.done:
             return
-        self.data.close()
+        if self.data is not None:
+            with contextlib.suppress(OSError):  # a full disk fails the flush too: still remove
+                self.data.close()
         for ext in (".bin", ".idx"):
             Path(f"{self.tmp}{ext}").unlink(missing_ok=True)
         self.done = True
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @dataclass
@@ -145,14 +194,21 @@ def read_index(path: str | Path) -> Index:
 
 
 class IndexedShard:
-    """Documents of a shard, read through memory maps: ``shard[i]`` is document i's tokens."""
+    """Documents of a shard, read through memory maps: ``shard[i]`` is document i's tokens.
 
-    def __init__(self, prefix: str | Path) -> None:
+    Opening checks the structure (header, pointers, boundaries, the .bin's length against the
+    index: a read of the .idx only) and raises ShardError on the first problem, unless
+    check=False.
+    """
+
+    def __init__(self, prefix: str | Path, check: bool = True) -> None:
         self.prefix = str(prefix)
         self.index = read_index(f"{self.prefix}.idx")
         bin_path = Path(f"{self.prefix}.bin")
         if not bin_path.is_file():
             raise ShardError(f"{bin_path}: no such file (the .idx is there)")
+        if check and (problems := structure_problems(self.index, self.prefix)):
+            raise ShardError(problems[0])
         self.tokens = (
             np.memmap(bin_path, dtype=self.index.dtype, mode="r")
             if bin_path.stat().st_size
@@ -171,27 +227,26 @@ class IndexedShard:
         return self.tokens[start : end + int(self.index.lengths[last - 1])]
 
 
-def verify(prefix: str | Path, vocab_size: int | None = None) -> list[str]:
-    """Everything wrong with a shard, one line each naming the file; empty when it is sound."""
+def structure_problems(index: Index, prefix: str | Path) -> list[str]:
+    """What is wrong with a shard's index and its .bin's length, one line each naming the file.
+
+    Reads the index arrays (tens of MB for a 10 GB shard) and stats the .bin, never its
+    contents."""
     idx, bin_path = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
-    try:
-        index = read_index(idx)
-    except ShardError as e:
-        return [str(e)]
-    if not bin_path.is_file():
-        return [f"{bin_path}: no such file (the .idx is there)"]
     problems = []
     lengths, pointers, bounds = index.lengths, index.pointers, index.bounds
     item = index.dtype.itemsize
     if (lengths < 0).any():
         problems.append(f"{idx}: sequence {int(np.argmax(lengths < 0))} has a negative length")
+    # Monotonic and gap-free: each sequence starts where the one before it ends.
     expected = np.zeros(len(lengths), dtype=np.int64)
     np.cumsum(lengths[:-1], dtype=np.int64, out=expected[1:])
     bad = np.nonzero(pointers != expected * item)[0]
     if len(bad):
         problems.append(
             f"{idx}: sequence {int(bad[0])} starts at byte {int(pointers[bad[0]])}, but the "
-            f"lengths before it put it at {int(expected[bad[0]] * item)} ({len(bad)} such)"
+            f"lengths before it put it at {int(expected[bad[0]] * item)} ({len(bad)} such): "
+            "the index is corrupt; re-run preprocess.py"
         )
     if (
         len(bounds) == 0
@@ -200,7 +255,8 @@ def verify(prefix: str | Path, vocab_size: int | None = None) -> list[str]:
         or (np.diff(bounds) < 0).any()
     ):
         problems.append(
-            f"{idx}: document boundaries must rise from 0 to {len(lengths)} (the sequence count)"
+            f"{idx}: document boundaries must rise from 0 to {len(lengths)} (the sequence "
+            "count): the index is corrupt; re-run preprocess.py"
         )
     need = int(lengths.sum(dtype=np.int64)) * item
     have = bin_path.stat().st_size
@@ -210,15 +266,58 @@ def verify(prefix: str | Path, vocab_size: int | None = None) -> list[str]:
             f"{bin_path}: {have} bytes, but {idx} describes {need} ({need // item} tokens of "
             f"{index.dtype}): the .bin is {what}; re-run preprocess.py to rewrite it"
         )
-    elif vocab_size is not None and have and index.dtype.kind in "iu":
-        tokens = np.memmap(bin_path, dtype=index.dtype, mode="r")
-        for start in range(0, len(tokens), 1 << 24):
-            part = tokens[start : start + (1 << 24)]
-            if part.size and (int(part.max()) >= vocab_size or int(part.min()) < 0):
-                at = start + int(np.argmax((part >= vocab_size) | (part < 0)))
-                problems.append(
-                    f"{bin_path}: token {at} is {int(tokens[at])}, outside the vocabulary "
-                    f"[0, {vocab_size}): the data is corrupt or from another tokenizer"
-                )
-                break
+    return problems
+
+
+SCAN_TOKENS = 1 << 24  # tokens per block when scanning a .bin: memory stays flat
+
+
+def token_range(bin_path: str | Path, dtype: np.dtype) -> tuple[int, int]:
+    """(smallest, largest) token id in a .bin, read in blocks; (0, -1) when it is empty."""
+    path = Path(bin_path)
+    if not path.stat().st_size:
+        return 0, -1
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    low, high = None, None
+    for start in range(0, len(tokens), SCAN_TOKENS):
+        part = tokens[start : start + SCAN_TOKENS]
+        low = int(part.min()) if low is None else min(low, int(part.min()))
+        high = int(part.max()) if high is None else max(high, int(part.max()))
+    del tokens
+    assert low is not None and high is not None
+    return low, high
+
+
+def out_of_vocab(prefix: str | Path, dtype: np.dtype, vocab_size: int) -> str | None:
+    """One line naming the first token id outside [0, vocab_size), or None."""
+    bin_path = Path(f"{prefix}.bin")
+    low, high = token_range(bin_path, dtype)
+    if high < vocab_size and low >= 0:
+        return None
+    tokens = np.memmap(bin_path, dtype=dtype, mode="r")
+    for start in range(0, len(tokens), SCAN_TOKENS):
+        part = tokens[start : start + SCAN_TOKENS]
+        outside = np.nonzero((part >= vocab_size) | (part < 0))[0]
+        if len(outside):
+            at = start + int(outside[0])
+            return (
+                f"{bin_path}: token {at} is {int(tokens[at])}, outside the vocabulary [0, "
+                f"{vocab_size}) (largest id {high}): the data is corrupt or from another tokenizer"
+            )
+    raise AssertionError("unreachable: token_range saw an id outside the vocabulary")
+
+
+def verify(prefix: str | Path, vocab_size: int | None = None) -> list[str]:
+    """Everything wrong with a shard, one line each naming the file; empty when it is sound."""
+    idx, bin_path = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    try:
+        index = read_index(idx)
+    except ShardError as e:
+        return [str(e)]
+    if not bin_path.is_file():
+        return [f"{bin_path}: no such file (the .idx is there)"]
+    problems = structure_problems(index, prefix)
+    if not problems and vocab_size is not None and index.dtype.kind in "iu":
+        if problem := out_of_vocab(prefix, index.dtype, vocab_size):
+            problems.append(problem)
     return problems

@@ -11,6 +11,9 @@ is dropped. Printed: the mean loss per predicted token (nats) and its exp, the p
 --json prints {"checkpoint", "step", "loss", "perplexity", "tokens", "samples"}.
 --tokenizer names the tokenizer the shards were made with: it must be the one the checkpoint
 was trained with (compared by sha256), since a loss over other ids means nothing.
+Before the first window every shard is checked (structure, its manifest's sha256 and
+tokenizer, token ids inside the vocabulary; see megatron_llm/data/shard_checks.py);
+--no-verify-data skips that.
 Exit status: 0 ok, 2 bad arguments, an unusable checkpoint or shards.
 """
 
@@ -20,6 +23,7 @@ import argparse
 import json
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -29,7 +33,7 @@ from megatron_llm.data.indexed import ShardError
 from megatron_llm.data.tokenizer import Tokenizer, TokenizerError
 from megatron_llm.eval.loading import load_model
 from megatron_llm.eval.perplexity import perplexity
-from megatron_llm.eval.shards import model_loss, token_windows
+from megatron_llm.eval.shards import check_shards, model_loss, token_windows
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,6 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device"
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument(
+        "--no-verify-data", action="store_true", help="skip the shard checks before evaluating"
+    )
     args = parser.parse_args(argv)
     for name in ("seq_length", "batch_size", "max_samples"):
         value = getattr(args, name)
@@ -71,6 +78,17 @@ def check_tokenizer(path: str, ckpt_path: str) -> None:
         )
 
 
+def verify_data(args: argparse.Namespace, loaded: Any) -> None:
+    from megatron_llm.checkpoint.io import Checkpoint
+
+    saved = Checkpoint.open(loaded.path).run_state().get("tokenizer_sha256")
+    if args.tokenizer:
+        vocab, name = Tokenizer(args.tokenizer).vocab_size, args.tokenizer
+    else:  # the checkpoint's padded vocabulary: ids past it cannot be scored at all
+        vocab, name = loaded.model.embed.weight.shape[0], f"the model of {loaded.path}"
+    check_shards(args.data_prefix, vocab, saved, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -83,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"--seq-length={seq_length} exceeds the model's seq_length "
                 f"{loaded.cfg.model.seq_length}"
             )
+        if not args.no_verify_data:
+            verify_data(args, loaded)
         start = time.perf_counter()
         loss, tokens = model_loss(
             loaded.model,
@@ -93,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         seconds = time.perf_counter() - start
     except (CheckpointError, ConfigError, ShardError, TokenizerError, ValueError, OSError) as e:
+        # ShardError and ManifestError are ValueErrors: one line naming the file.
         print(f"error: {e}", file=sys.stderr)
         return 2
     result = {

@@ -10,6 +10,22 @@ import torch
 from tqdm import tqdm
 
 from megatron_llm.data.indexed import IndexedShard
+from megatron_llm.data.shard_checks import check_shard
+
+
+def check_shards(
+    prefixes: list[str], vocab_size: int, tokenizer_sha256: str | None, tokenizer_name: str
+) -> None:
+    """Every shard checked before the first window (megatron_llm/data/shard_checks.py): a
+    truncated .bin or a corrupt .idx must not give a loss over part of the data."""
+    for prefix in prefixes:
+        check_shard(
+            prefix,
+            vocab_size=vocab_size,
+            tokenizer_sha256=tokenizer_sha256,
+            cache_dir=None,
+            tokenizer_name=tokenizer_name,
+        )
 
 
 def token_windows(prefixes: list[str], seq_length: int) -> Iterator[np.ndarray]:
