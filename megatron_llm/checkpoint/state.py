@@ -65,7 +65,9 @@ def _masters(engine: Any) -> dict[int, torch.Tensor]:
 def _dp_full(
     engine: Any, p: nn.Parameter, key: str | None, masters: dict[int, torch.Tensor]
 ) -> torch.Tensor:
-    """This rank's tp shard of a parameter (key None) or of its optimizer state, whole over dp."""
+    """This rank's tp shard of a parameter (key None) or of its optimizer state, whole over dp,
+    in fp32 and still on its device: the tp gather that follows is a collective (NCCL takes no
+    CPU tensors)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     if _is_deepspeed_managed(p):
@@ -76,12 +78,13 @@ def _dp_full(
     else:
         master = masters.get(id(p), p)
         value = master.detach() if key is None else _base_optimizer(engine).state[master][key]
-    return value.detach().float().cpu()
+    return value.detach().float()
 
 
 def _tp_full(value: torch.Tensor, p: nn.Parameter, ctx: ParallelContext) -> torch.Tensor:
     if ctx.tp == 1 or not getattr(p, "tensor_model_parallel", False):
         return value
+    value = value.to(ctx.device)  # an offloaded optimizer keeps its state on the CPU
     parts = [torch.empty_like(value) for _ in range(ctx.tp)]
     dist.all_gather(parts, value.contiguous(), group=ctx.tp_group)
     return torch.cat(parts, dim=p.partition_dim)
@@ -118,7 +121,10 @@ def gather_state(
     masters = _masters(engine)
     for i, (name, p) in enumerate(engine.module.named_parameters()):
         keys = (None, *OPTIM_KEYS) if optimizer else (None,)
-        whole = {k or "param": _tp_full(_dp_full(engine, p, k, masters), p, ctx) for k in keys}
+        # One deliberate device-to-host copy per tensor, after the collectives.
+        whole = {
+            k or "param": _tp_full(_dp_full(engine, p, k, masters), p, ctx).cpu() for k in keys
+        }
         if writer_of(i, ctx) == ctx.rank:
             yield (names or {}).get(name, name), whole
 

@@ -10,6 +10,7 @@ including every NCCL_* / TORCH_NCCL_* variable (and which hosts differ).
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 import socket
@@ -153,7 +154,10 @@ def summary(reports: list[dict[str, Any]]) -> str:
 
 def check_environment(parallel: ParallelConfig) -> list[dict[str, Any]]:
     """Gather every rank's report; on problems raise EnvironmentCheckError, the same everywhere."""
-    group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    timeout = datetime.timedelta(minutes=parallel.timeout_minutes)
+    group = (
+        dist.new_group(backend="gloo", timeout=timeout) if dist.get_backend() != "gloo" else None
+    )
     reports: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(reports, local_report(), group=group)
     found = problems(reports, parallel)

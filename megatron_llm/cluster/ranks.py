@@ -10,6 +10,9 @@
    unless MASTER_PORT is set, a free port. Works with the ``mpich`` wheel
    (``pip install mpi4py mpich``; its ``mpiexec`` is then on the venv's PATH).
 4. None of these: a single process (rank 0 of 1).
+
+:func:`use_local_device` is the one place that decides a rank's device (``cuda:LOCAL_RANK``, or
+the CPU) and makes it current, before the first collective.
 """
 
 from __future__ import annotations
@@ -17,7 +20,11 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 RANKS_FROM = "MEGATRON_LLM_RANKS_FROM"
 MPI_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
@@ -118,3 +125,34 @@ def cpu_threads(env: MutableMapping[str, str] | None = None) -> int | None:
     except ValueError:
         local = 1
     return max(1, len(os.sched_getaffinity(0)) // local)
+
+
+def local_device(env: Mapping[str, str] | None = None) -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` when CUDA is present (one GPU per local rank, as
+    every launcher path above starts them), else the CPU. The one rule for the whole run."""
+    import torch  # not at the top: the launcher and the cluster CLI import this module
+
+    env = os.environ if env is None else env
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local, count = int(env.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local >= count:
+        raise RuntimeError(
+            f"LOCAL_RANK={local} but this process sees {count} GPU(s) "
+            f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', 'unset')}): start one rank "
+            "per GPU with every GPU visible to each, and do not bind one GPU per task "
+            "(srun --gpus-per-task)"
+        )
+    return torch.device("cuda", local)
+
+
+def use_local_device(env: Mapping[str, str] | None = None) -> torch.device:
+    """Decide this rank's device and make it current. Must run before the first collective:
+    NCCL and the object collectives (broadcast_object_list, all_gather_object) put their
+    tensors on the current device, which is cuda:0 on every rank until this is called."""
+    import torch
+
+    device = local_device(env)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device

@@ -3,7 +3,8 @@
 Rank order is tensor-parallel fastest, then data-parallel, then pipeline (tp-dp-pp):
 ``rank = tp_rank + tp * (dp_rank + dp * pp_rank)``, so a tensor-parallel group stays on a node.
 The object also answers DeepSpeed's ``mpu`` questions, so the engine reduces gradients over the
-data-parallel group only.
+data-parallel group only. ``device`` is this rank's device (cuda:LOCAL_RANK or the CPU,
+decided once by megatron_llm/cluster/ranks.py): every tensor a collective sees lives there.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class ParallelContext:
     tp_group: dist.ProcessGroup | None
     dp_group: dist.ProcessGroup | None
     pp_group: dist.ProcessGroup | None
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def tp_rank(self) -> int:
@@ -97,15 +99,18 @@ def init_distributed(timeout_minutes: float) -> None:
     """Join the job's process group (gloo on CPU, nccl on GPU) if not already in one.
 
     Ranks come from the launcher's variables, else from srun or MPI (megatron_llm/cluster/
-    ranks.py). timeout_minutes bounds every collective, NCCL's included (its own default is 30).
+    ranks.py). The rank's device is made current first (cluster/ranks.py use_local_device), so
+    no collective, the first included, lands on cuda:0 by default. timeout_minutes bounds every
+    collective, NCCL's included (its own default is 30); build_context's groups get it too.
     """
     import deepspeed  # heavy import: only when a run starts
 
     if dist.is_initialized():
         return
-    from megatron_llm.cluster.ranks import cpu_threads, discover
+    from megatron_llm.cluster.ranks import cpu_threads, discover, use_local_device
 
     discover(os.environ)  # srun tasks and mpirun ranks: RANK etc. from Slurm or mpi4py
+    use_local_device(os.environ)
     threads = cpu_threads(os.environ)
     if threads is not None:
         torch.set_num_threads(threads)
@@ -124,6 +129,8 @@ def init_distributed(timeout_minutes: float) -> None:
 
 def build_context(cfg: ParallelConfig) -> ParallelContext:
     """Create every group once; every rank must call this, in the same order."""
+    from megatron_llm.cluster.ranks import local_device
+
     rank, world = dist.get_rank(), dist.get_world_size()
     dp = cfg.resolve_dp(world)
     tp, pp = cfg.tp, cfg.pp
@@ -132,6 +139,7 @@ def build_context(cfg: ParallelConfig) -> ParallelContext:
         return t + tp * (d + dp * p)
 
     mine: dict[str, dist.ProcessGroup | None] = {}
+    timeout = datetime.timedelta(minutes=cfg.timeout_minutes)
     layouts = {
         "tp": [[index(t, d, p) for t in range(tp)] for p in range(pp) for d in range(dp)],
         "dp": [[index(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)],
@@ -139,7 +147,9 @@ def build_context(cfg: ParallelConfig) -> ParallelContext:
     }
     for name, groups in layouts.items():
         for ranks in groups:
-            group = dist.new_group(ranks)  # collective: every rank creates every group
+            # collective: every rank creates every group. A new group does not inherit the
+            # world's timeout (torch gives it the backend default, 30 min), so pass ours.
+            group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 mine[name] = group
     return ParallelContext(
@@ -151,6 +161,7 @@ def build_context(cfg: ParallelConfig) -> ParallelContext:
         tp_group=mine["tp"],
         dp_group=mine["dp"],
         pp_group=mine["pp"],
+        device=local_device(),
     )
 
 

@@ -29,12 +29,27 @@ import torch
 
 from megatron_llm.model.config import ModelConfig
 
-# Dense bf16 tensor-core peak, TFLOP/s (vendor data sheets).
+# Dense bf16 tensor-core peak, TFLOP/s, by the exact name CUDA reports (vendor data sheets:
+# half the "with sparsity" figure). Exact names, not substrings: "NVIDIA H100 NVL" contains
+# "H100" but peaks at 835, not the SXM part's 989; a name not listed gets no MFU.
 PEAK_BF16_TFLOPS = {
-    "A100": 312.0,
-    "H100 PCIe": 756.0,
-    "H100": 989.0,  # SXM
-    "H200": 989.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA A800-SXM4-80GB": 312.0,
+    "NVIDIA A800 80GB PCIe": 312.0,
+    "NVIDIA H100 80GB HBM3": 989.0,  # SXM
+    "NVIDIA H100 PCIe": 756.0,
+    "NVIDIA H100 NVL": 835.0,
+    "NVIDIA H800": 989.0,  # SXM; the export part keeps the H100's tensor cores
+    "NVIDIA H800 PCIe": 756.0,
+    "NVIDIA H200": 989.0,  # SXM
+    "NVIDIA H200 NVL": 835.0,
+    "NVIDIA GH200 480GB": 989.0,
+    "NVIDIA H20": 148.0,
+    "NVIDIA B200": 2250.0,
+    "NVIDIA L40S": 362.0,
 }
 
 
@@ -49,18 +64,15 @@ def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
 
 
 def peak_tflops_for(device_name: str) -> float | None:
-    """Dense bf16 peak of a device by its CUDA name; None when not in the table."""
-    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):  # "H100 PCIe" before "H100"
-        if all(part in device_name for part in key.split()):
-            return PEAK_BF16_TFLOPS[key]
-    return None
+    """Dense bf16 peak of a device by its exact CUDA name; None when not in the table."""
+    return PEAK_BF16_TFLOPS.get(device_name.strip())
 
 
 def device_peak_tflops() -> tuple[str, float | None]:
     """(this process's device name, its dense bf16 peak TFLOP/s or None when unknown)."""
     if not torch.cuda.is_available():
         return "cpu", None
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name()  # the current device: this rank's (cluster/ranks.py)
     return name, peak_tflops_for(name)
 
 

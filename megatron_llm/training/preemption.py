@@ -17,6 +17,8 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
+from megatron_llm.cluster.ranks import local_device
+
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -46,11 +48,15 @@ class StopRequest:
             return f"train.exit_interval={self.exit_interval} reached"  # the same on every rank
         over_budget = self.budget_s > 0 and time.monotonic() - self.start >= self.budget_s
         # 2: a signal (reported first), 1: the time budget, 0: go on.
-        code = torch.tensor(2 if self.signal_name else 1 if over_budget else 0)
+        # On the rank's device: NCCL reduces no CPU tensor. One deliberate host sync per step.
+        code = torch.tensor(
+            2 if self.signal_name else 1 if over_budget else 0, device=local_device()
+        )
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(code, op=dist.ReduceOp.MAX)
-        if code.item() == 2:
+        agreed = code.item()
+        if agreed == 2:
             return f"signal {self.signal_name}" if self.signal_name else "signal on another rank"
-        if code.item() == 1:
+        if agreed == 1:
             return f"time budget of train.exit_after_minutes={self.budget_s / 60:g} spent"
         return None
