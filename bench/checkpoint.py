@@ -55,7 +55,7 @@ def main() -> None:
     from megatron_llm.checkpoint import runtime as ckpt_run
     from megatron_llm.checkpoint.state import gather_state, restore_state
     from megatron_llm.config import load_config
-    from megatron_llm.model import GPT
+    from megatron_llm.parallel.build import build_model
     from megatron_llm.parallel.engine import build_engine
     from megatron_llm.parallel.groups import build_context, init_distributed
     from megatron_llm.training.loop import train_step
@@ -72,7 +72,8 @@ def main() -> None:
     )
     init_distributed(10)
     ctx = build_context(cfg.parallel)
-    engine = build_engine(GPT(cfg.model, args.vocab), cfg, ctx)
+    built = build_model(cfg, ctx, args.vocab)
+    engine = build_engine(built.module, cfg, ctx)
     train_step(engine, iter([torch.randint(0, args.vocab, (1, 65))]), 1)
     root = Path(args.dir or tempfile.mkdtemp(prefix="megatron_llm_bench_ckpt_"))
     root.mkdir(parents=True, exist_ok=True)
@@ -84,7 +85,7 @@ def main() -> None:
     def ours_save() -> None:
         ckpt_run.save(
             engine,
-            engine.module,
+            built.model,
             ctx,
             root=str(root / "ours"),
             step=1,

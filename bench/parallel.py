@@ -37,11 +37,11 @@ def step_times(overrides: list[str], args: argparse.Namespace, threads: int) -> 
     import torch
 
     from megatron_llm.config import load_config
-    from megatron_llm.model import GPT
+    from megatron_llm.parallel.build import build_model
     from megatron_llm.parallel.engine import build_engine
     from megatron_llm.parallel.groups import build_context
-    from megatron_llm.parallel.shard import shard_model
-    from megatron_llm.training.loop import seed_everything, train_step
+    from megatron_llm.training.loop import train_step
+    from megatron_llm.training.run import seed_everything
 
     torch.set_num_threads(threads)
     cfg = load_config(
@@ -59,13 +59,7 @@ def step_times(overrides: list[str], args: argparse.Namespace, threads: int) -> 
     ctx = build_context(cfg.parallel)
     cfg.train.micro_batch_size = args.global_batch // ctx.dp
     seed_everything(cfg.train.seed)
-    model = shard_model(
-        GPT(cfg.model, args.vocab),
-        ctx,
-        sequence_parallel=cfg.parallel.sequence_parallel,
-        seed=cfg.train.seed,
-    )
-    engine = build_engine(model, cfg, ctx)
+    engine = build_engine(build_model(cfg, ctx, args.vocab).module, cfg, ctx)
     gen = torch.Generator().manual_seed(0)
     data = torch.randint(0, args.vocab, (args.global_batch, args.seq + 1), generator=gen)
     mine = data.view(ctx.dp, -1, args.seq + 1)[ctx.dp_rank]

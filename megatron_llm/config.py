@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -43,6 +44,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         # Checks that span sections; each section has already checked itself.
+        check_finite(self)
         if self.parallel.pp > 1 and self.parallel.zero_stage != 1:
             # ZeRO 2/3 are refused by DeepSpeed's pipeline engine; with ZeRO 0 its gradient
             # clipping counts only the first stage's gradients (DeepSpeed 0.19), and bf16
@@ -52,7 +54,9 @@ class RunConfig:
                 f"{self.parallel.pp}: pipeline parallelism runs with ZeRO stage 1 only; "
                 "use parallel.zero_stage=1 (at dp=1 it costs nothing)"
             )
-        self.model.check_divisible_by_tp(self.parallel.tp)
+        self.model.check_divisible_by_tp(
+            self.parallel.tp, sequence_parallel=self.parallel.sequence_parallel
+        )
         forked_dropout = self.model.attention_dropout > 0 or (
             self.parallel.sequence_parallel and self.model.dropout > 0
         )
@@ -64,15 +68,25 @@ class RunConfig:
                 "train.activation_checkpointing with parallel.tp > 1 needs "
                 "model.attention_dropout=0 (and model.dropout=0 with sequence parallelism)"
             )
-        if self.parallel.sequence_parallel and self.model.seq_length % self.parallel.tp:
-            raise ValueError(
-                f"model.seq_length={self.model.seq_length} is not divisible by parallel.tp="
-                f"{self.parallel.tp}; sequence parallelism splits every sequence evenly across "
-                "the tensor-parallel ranks"
-            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_finite(cfg: RunConfig) -> None:
+    """No float field may be inf or nan: ``optim.lr=inf`` would train a NaN model to the end
+    (comparisons such as ``lr > 0`` let nan through, so the sections cannot catch it)."""
+    for section in dataclasses.fields(cfg):
+        part = getattr(cfg, section.name)
+        for field in dataclasses.fields(part):
+            value = getattr(part, field.name)
+            items = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+                raise ValueError(not_finite(f"{section.name}.{field.name}", value))
+
+
+def not_finite(name: str, value: Any) -> str:
+    return f"{name}={value}: not a finite number; give a finite value"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -208,14 +222,19 @@ def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
     if hint is float:
         if isinstance(value, bool):
             raise bad("a number")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise bad("a number")
+        if number is None:
+            raise bad("a number")
+        if not math.isfinite(number):  # before the sections' range checks, which nan passes
+            raise ConfigError(f"{source}: {not_finite(name, value)}")
+        return number
     if hint is str:
         if isinstance(value, str):
             return str(value)

@@ -35,6 +35,7 @@ def overrides(run_dir: str, prefix: str, tokenizer: str, *extra: str) -> list[st
 def train_run(argv: list[str]) -> dict[str, Any]:
     """The real loop; returns its summary plus this rank's micro-batch digests."""
     import megatron_llm.training.loop as loop
+    import megatron_llm.training.run as assembly
     from megatron_llm.config import load_config
     from megatron_llm.parallel.groups import build_context
 
@@ -42,7 +43,7 @@ def train_run(argv: list[str]) -> dict[str, Any]:
     ctx = build_context(cfg.parallel)
     seen: list[str] = []
     first: list[Any] = []
-    real = loop.micro_batches
+    real = assembly.micro_batches
 
     def recording(*args: Any, **kwargs: Any) -> Any:
         for batch in real(*args, **kwargs):
@@ -51,11 +52,11 @@ def train_run(argv: list[str]) -> dict[str, Any]:
             seen.append(hashlib.sha256(batch.numpy().tobytes()).hexdigest()[:16])
             yield batch
 
-    loop.micro_batches = recording  # observe the batches; the loop and data are untouched
+    assembly.micro_batches = recording  # observe the batches; the loop and data are untouched
     try:
         summary = loop.train(cfg, ctx)
     finally:
-        loop.micro_batches = real
+        assembly.micro_batches = real
     summary["batches"] = seen
     summary["first_batch"] = first[0] if first else None
     summary["rank"] = ctx.rank
@@ -126,7 +127,7 @@ def finetune_from(pretrain: list[str], finetune: list[str]) -> dict[str, Any]:
     from megatron_llm.checkpoint import io
     from megatron_llm.checkpoint.state import load_weights
     from megatron_llm.config import from_dict
-    from megatron_llm.data.sft import inputs_and_labels
+    from megatron_llm.data.batch import inputs_and_labels
     from megatron_llm.model import GPT
 
     pretrained = train_run(pretrain)

@@ -71,11 +71,10 @@ def dropout_streams() -> dict:
     import torch.nn.functional as F
 
     from megatron_llm.config import load_config
-    from megatron_llm.model import GPT
+    from megatron_llm.parallel.build import build_model
     from megatron_llm.parallel.groups import build_context
     from megatron_llm.parallel.random import TensorParallelRNG
-    from megatron_llm.parallel.shard import shard_model
-    from megatron_llm.training.loop import seed_everything
+    from megatron_llm.training.run import seed_everything
 
     cfg = load_config(
         None, BASE + layout("gpt2", tp=2, model__dropout=0.2, model__attention_dropout=0.2)
@@ -91,8 +90,7 @@ def dropout_streams() -> dict:
     unforked = F.dropout(ones, 0.5)  # the fork must not have advanced the default stream
     # The whole model with dropout everywhere: the replicated residual stream entering the
     # final norm must stay identical across the tp group.
-    seed_everything(cfg.train.seed)
-    model = shard_model(GPT(cfg.model, VOCAB), ctx, sequence_parallel=False, seed=cfg.train.seed)
+    model = build_model(cfg, ctx, VOCAB).model
     seed_everything(cfg.train.seed + 1)
     seen: dict[str, torch.Tensor] = {}
     model.final_norm.register_forward_hook(lambda m, i, o: seen.setdefault("x", i[0].detach()))
@@ -110,11 +108,11 @@ def meta_shards(overrides: list[str]) -> dict:
     """This rank's shards built as training builds them (meta, sharded, then filled from whole
     values one at a time) and as a whole model sharded: both, and what materialize was handed."""
     from megatron_llm.config import load_config
-    from megatron_llm.model import GPT
-    from megatron_llm.model.gpt import init_values, parameters_on_meta
+    from megatron_llm.model import GPT, gpt
+    from megatron_llm.parallel import build
     from megatron_llm.parallel.groups import build_context
-    from megatron_llm.parallel.shard import materialize, shard_model
-    from megatron_llm.training.loop import seed_everything
+    from megatron_llm.parallel.shard import shard_model
+    from megatron_llm.training.run import seed_everything
 
     cfg = load_config(None, BASE + overrides)
     ctx = build_context(cfg.parallel)
@@ -124,24 +122,25 @@ def meta_shards(overrides: list[str]) -> dict:
     whole = shard_model(GPT(cfg.model, VOCAB), ctx, sequence_parallel=sp, seed=cfg.train.seed)
     rng_untouched = torch.equal(seeded, torch.get_rng_state())
     seed_everything(cfg.train.seed)
-    with parameters_on_meta():
-        meta = GPT(cfg.model, VOCAB)
-    shapes = [(name, p.shape) for name, p in meta.named_parameters()]
-    meta = shard_model(meta, ctx, sequence_parallel=sp, seed=cfg.train.seed)
-    largest = 0
+    largest, draw = 0, gpt.init_values
 
-    def values():
+    def values(model, seed):  # what the builder hands materialize, measured
         nonlocal largest
-        for name, value in init_values(cfg.model, shapes, cfg.train.seed):
+        for name, value in draw(model, seed):
             largest = max(largest, value.numel())
             yield name, value
 
-    materialize(meta, values(), ctx, "test")
+    build.init_values = values
+    try:
+        built = build.build_model(cfg, ctx, VOCAB)
+    finally:
+        build.init_values = draw
+    meta = built.model
     return {
         "whole": {n: p.detach().numpy().copy() for n, p in whole.named_parameters()},
         "meta": {n: p.detach().numpy().copy() for n, p in meta.named_parameters()},
         "shard_numel": sum(p.numel() for p in meta.parameters()),
-        "whole_numel": sum(s.numel() for _, s in shapes),
+        "whole_numel": built.parameters,
         "largest_value": largest,
         "rng_untouched": rng_untouched and torch.equal(seeded, torch.get_rng_state()),
     }
@@ -152,22 +151,15 @@ def train_layout(overrides: list[str], measure_memory: bool = False) -> dict:
     from deepspeed.utils import safe_get_full_grad
 
     from megatron_llm.config import load_config
-    from megatron_llm.model import GPT
+    from megatron_llm.parallel.build import build_model
     from megatron_llm.parallel.engine import build_engine
     from megatron_llm.parallel.groups import build_context, mean_over_dp
-    from megatron_llm.parallel.shard import shard_model
-    from megatron_llm.training.loop import local_grad_norm, seed_everything, train_step
+    from megatron_llm.training.loop import local_grad_norm, train_step
+    from megatron_llm.training.run import seed_everything
 
     cfg = load_config(None, BASE + overrides)
     ctx = build_context(cfg.parallel)
-    seed_everything(cfg.train.seed)
-    model = shard_model(
-        GPT(cfg.model, VOCAB),
-        ctx,
-        sequence_parallel=cfg.parallel.sequence_parallel,
-        seed=cfg.train.seed,
-    )
-    engine = build_engine(model, cfg, ctx)
+    engine = build_engine(build_model(cfg, ctx, VOCAB).module, cfg, ctx)
     seed_everything(cfg.train.seed + 1 + ctx.dp_rank)
     gen = torch.Generator().manual_seed(0)
     data = torch.randint(0, VOCAB, (2, GLOBAL_BATCH, cfg.model.seq_length + 1), generator=gen)

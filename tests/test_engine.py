@@ -24,7 +24,8 @@ def synthetic_losses(overrides: list[str], with_norms: bool = False) -> list:
     from megatron_llm.model import GPT
     from megatron_llm.parallel.engine import build_engine
     from megatron_llm.parallel.groups import build_context, mean_over_dp
-    from megatron_llm.training.loop import seed_everything, train_step
+    from megatron_llm.training.loop import train_step
+    from megatron_llm.training.run import seed_everything
 
     cfg = load_config(None, TINY + overrides)
     ctx = build_context(cfg.parallel)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_llm.config import load_config
-from megatron_llm.data.sft import IGNORE, PromptResponseDataset, inputs_and_labels
+from megatron_llm.data.batch import IGNORE, inputs_and_labels
+from megatron_llm.data.sft import PromptResponseDataset
 from megatron_llm.data.tokenizer import Tokenizer
 from megatron_llm.model import GPT, ModelConfig
 from tests.checkpoint_runs import finetune_from, overrides

@@ -129,8 +129,9 @@ def test_each_stage_fills_only_its_own_layers(tied: bool) -> None:
     import types
 
     from megatron_llm.config import load_config
-    from megatron_llm.model.gpt import GPT, parameters_on_meta
-    from megatron_llm.parallel.pipeline import stage_parameters
+    from megatron_llm.model.gpt import GPT
+    from megatron_llm.parallel.build import parameters_on_meta
+    from megatron_llm.parallel.pipeline import stage_parameter_names
 
     cfg = load_config(
         None,
@@ -147,7 +148,7 @@ def test_each_stage_fills_only_its_own_layers(tied: bool) -> None:
     with parameters_on_meta():
         model = GPT(cfg.model, 64)
     stages = [
-        stage_parameters(model, types.SimpleNamespace(pp=3, pp_rank=s), cfg) for s in range(3)
+        stage_parameter_names(model, types.SimpleNamespace(pp=3, pp_rank=s), cfg) for s in range(3)
     ]
     everything = {name for name, _ in model.named_parameters()}
     assert set().union(*stages) == everything

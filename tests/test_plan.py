@@ -53,19 +53,16 @@ def _grad_bytes(engine) -> int:
 def measure(layouts: list[list[str]]) -> list[dict]:
     """Bytes this rank holds: parameters, gradients (the most over a 2-micro-batch step), and
     optimizer state (moments and DeepSpeed's fp32 master partitions)."""
+    from megatron_llm.parallel.build import build_model
     from megatron_llm.parallel.engine import build_engine
     from megatron_llm.parallel.groups import build_context
-    from megatron_llm.parallel.shard import shard_model
-    from megatron_llm.training.loop import seed_everything
 
     out = []
     for overrides in layouts:
         cfg = load_config(None, BASE + overrides)
         ctx = build_context(cfg.parallel)
-        seed_everything(0)
         rows = cfg.model.padded_vocab_size(VOCAB, cfg.parallel.tp)
-        model = shard_model(GPT(cfg.model, rows), ctx, sequence_parallel=False, seed=0)
-        engine = build_engine(model, cfg, ctx)
+        engine = build_engine(build_model(cfg, ctx, rows).module, cfg, ctx)
         grads = 0
         for _ in range(cfg.train.grad_accum_steps):
             tokens = torch.randint(0, VOCAB, (cfg.train.micro_batch_size, 17))

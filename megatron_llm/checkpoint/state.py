@@ -24,6 +24,7 @@ from torch import nn
 
 from megatron_llm.checkpoint.io import CheckpointError
 from megatron_llm.parallel.groups import ParallelContext
+from megatron_llm.parallel.layers import local_part
 
 OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -92,9 +93,7 @@ def _tp_full(value: torch.Tensor, p: nn.Parameter, ctx: ParallelContext) -> torc
 
 def local_slice(full: torch.Tensor, p: nn.Parameter, ctx: ParallelContext) -> torch.Tensor:
     """This rank's piece of a whole tensor, as the parameter ``p`` of this layout holds it."""
-    if ctx.tp == 1 or not getattr(p, "tensor_model_parallel", False):
-        return full
-    return full.chunk(ctx.tp, dim=p.partition_dim)[ctx.tp_rank]
+    return local_part(full, p, ctx.tp_rank, ctx.tp)
 
 
 def writer_of(index: int, ctx: ParallelContext) -> int:

@@ -3,38 +3,18 @@ the loss when asked.
 
 A sample is ``seq_length + 1`` token ids, as for pretraining: ``[prompt, response, eod, pad...]``
 truncated to fit. Positions that must not be predicted (the prompt when ``mask_prompt``, and
-the padding) are stored as ``-(id + 1)``: :func:`inputs_and_labels` turns a batch back into the
-model's inputs and labels, with ``IGNORE`` where a label is masked. Pretraining samples hold no
-negative ids, so for them it is the usual shift by one.
+the padding) are stored as ``-(id + 1)``; data/batch.py turns a batch back into the model's
+inputs and labels, with ``IGNORE`` where a label is masked.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from megatron_llm.data.tokenizer import Tokenizer
-
-IGNORE = -100  # the label of a position the loss skips (torch's cross_entropy default)
-
-
-def inputs_and_labels(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(batch, seq + 1) samples -> inputs (batch, seq), labels (batch, seq)."""
-    masked = tokens < 0
-    ids = torch.where(masked, -tokens - 1, tokens)
-    labels = ids[:, 1:].masked_fill(masked[:, 1:], IGNORE)
-    return ids[:, :-1], labels
-
-
-def input_label_pairs(
-    batches: Iterator[torch.Tensor],
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(inputs, labels) micro-batches, as DeepSpeed's pipeline engine reads them."""
-    for tokens in batches:  # (micro_batch, seq + 1)
-        yield inputs_and_labels(tokens)
 
 
 class PromptResponseDataset:

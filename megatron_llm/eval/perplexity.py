@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
+from megatron_llm.data.batch import input_label_pairs, inputs_and_labels
 from megatron_llm.data.sampler import micro_batches
-from megatron_llm.data.sft import input_label_pairs, inputs_and_labels
+from megatron_llm.parallel.engine import engine_device
 from megatron_llm.parallel.groups import ParallelContext, mean_over_dp
 
 
@@ -27,13 +28,14 @@ def validation_loss(
         loss = engine.eval_batch(input_label_pairs(batches), num_micro_batches=iters)
         return mean_over_dp(loss.detach().float(), ctx)
     engine.eval()
-    total = torch.zeros(())
+    device = engine_device(engine)
+    total = torch.zeros((), dtype=torch.float32, device=device)
     with torch.no_grad():
         for _ in range(iters):
-            tokens = next(batches)
+            tokens = next(batches).to(device, non_blocking=True)  # (micro_batch, seq + 1)
             total += engine(*inputs_and_labels(tokens)).float()
     engine.train()
-    return mean_over_dp(total / iters, ctx)
+    return mean_over_dp(total / iters, ctx)  # host sync: one per evaluation
 
 
 def perplexity(loss: float) -> float:

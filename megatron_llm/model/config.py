@@ -84,13 +84,19 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
-    def check_divisible_by_tp(self, tp: int) -> None:
+    def check_divisible_by_tp(self, tp: int, *, sequence_parallel: bool = False) -> None:
         for name in ("num_heads", "num_kv_heads", "ffn_hidden_size"):
             if getattr(self, name) % tp:
                 raise ValueError(
                     f"model.{name}={getattr(self, name)} is not divisible by parallel.tp={tp}; "
                     "tensor parallelism splits it evenly across ranks"
                 )
+        if sequence_parallel and self.seq_length % tp:
+            raise ValueError(
+                f"model.seq_length={self.seq_length} is not divisible by parallel.tp={tp}; "
+                "sequence parallelism splits every sequence evenly across the tensor-parallel "
+                "ranks"
+            )
 
     def padded_vocab_size(self, tokenizer_size: int, tp: int = 1) -> int:
         """The embedding rows: the tokenizer's size rounded up so every tp shard is equal."""

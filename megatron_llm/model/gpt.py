@@ -13,8 +13,9 @@ RoPE) start at the cache's length. Without a cache the model is exactly the trai
 from __future__ import annotations
 
 import contextlib
+import enum
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +54,12 @@ class Embedding(nn.Embedding):
         return F.linear(x, self.weight)  # (batch, seq, vocab)
 
 
+IGNORE = -100  # the label of a position the loss skips (fine-tuning prompts, padding)
+
+
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
+    flat = logits.float().view(-1, logits.shape[-1])  # (batch * seq, vocab)
+    return F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE)
 
 
 class LayerCache:
@@ -133,6 +138,7 @@ class Attention(nn.Module):
         self.k = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.bias)
         self.v = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.bias)
         self.out = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.bias)
+        self.residual_outputs = ("out",)  # init_roles: writes into the residual stream
         self.rotary = Rotary(cfg) if cfg.position == "rope" else None
         self.dropout = cfg.attention_dropout
         self.kernels = cfg.kernels
@@ -173,6 +179,7 @@ class MLP(nn.Module):
             else None
         )
         self.fc_out = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.bias)
+        self.residual_outputs = ("fc_out",)  # init_roles: writes into the residual stream
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fc_gate is not None:
@@ -194,49 +201,61 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
-def init_values(
-    cfg: ModelConfig, shapes: Iterable[tuple[str, torch.Size]], seed: int
+class Init(enum.Enum):
+    """How a parameter starts, by its role in the model (GPT-2's init)."""
+
+    NORMAL = "normal"  # N(0, init_std): embeddings, projections out of the residual stream
+    RESIDUAL = "residual"  # N(0, init_std / sqrt(2L)): projections back into the stream
+    ONES = "ones"  # norm gains
+    ZEROS = "zeros"  # biases
+
+
+def init_roles(model: nn.Module) -> dict[str, Init]:
+    """Each parameter's Init by name. Modules say their own roles: a Norm's gain starts at one,
+    and the linears a module lists in ``residual_outputs`` write into the residual stream, so
+    they start smaller: the stream's variance must not grow with depth."""
+    roles: dict[str, Init] = {}
+    for prefix, module in model.named_modules():
+        residual = set(getattr(module, "residual_outputs", ()))
+        for child_name, child in module.named_children():
+            for key, _ in child.named_parameters(recurse=False):
+                name = f"{prefix}.{child_name}.{key}" if prefix else f"{child_name}.{key}"
+                if key == "bias":
+                    roles[name] = Init.ZEROS
+                elif isinstance(child, Norm):
+                    roles[name] = Init.ONES
+                elif child_name in residual:
+                    roles[name] = Init.RESIDUAL
+                else:
+                    roles[name] = Init.NORMAL
+    return roles
+
+
+def init_values(model: nn.Module, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """The initial value of each parameter of the (unsharded, possibly meta) ``model``, whole,
+    one at a time, in its parameter order: GPT-2's init by role (init_roles). Drawn from a
+    generator of its own seeded with ``seed``, so the values depend only on the seed, the config
+    and the order, not on what else drew random numbers: a model built whole and a model built
+    on the meta device and filled shard by shard (megatron_llm.parallel.build) start from the
+    same weights. The names, shapes and roles are read now, so the model may be sharded while
+    the values are handed out."""
+    roles = init_roles(model)
+    params = [(name, p.shape, roles[name]) for name, p in model.named_parameters()]
+    return _draw(model.cfg, params, seed)
+
+
+def _draw(
+    cfg: ModelConfig, params: list[tuple[str, torch.Size, Init]], seed: int
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The initial value of each parameter, whole, one at a time, for (name, shape) in the
-    single-device model's order: GPT-2's init, N(0, std) everywhere with the residual output
-    projections scaled by 1/sqrt(2L) so the residual stream's variance does not grow with depth;
-    norms one, biases zero. Drawn from a generator of its own seeded with ``seed``, so the values
-    depend only on the seed, the config and the order, not on what else drew random numbers:
-    a model built whole and a model built on the meta device and filled shard by shard
-    (megatron_llm.parallel.shard.materialize) start from the same weights."""
     gen = torch.Generator().manual_seed(seed)
-    out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-    for name, shape in shapes:
-        if name.endswith("bias"):
+    std = {Init.NORMAL: cfg.init_std, Init.RESIDUAL: cfg.init_std / math.sqrt(2 * cfg.num_layers)}
+    for name, shape, role in params:
+        if role is Init.ZEROS:
             yield name, torch.zeros(shape)
-        elif "norm" in name:
+        elif role is Init.ONES:
             yield name, torch.ones(shape)
         else:
-            out = name.endswith(("attn.out.weight", "mlp.fc_out.weight"))
-            yield (
-                name,
-                torch.empty(shape).normal_(0.0, out_std if out else cfg.init_std, generator=gen),
-            )
-
-
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Modules built inside get their parameters on the meta device (shapes, no memory, no
-    values) and their buffers as usual. training/loop.py builds the model so, shards it, and has
-    each rank fill in only its own slices, so no rank ever holds the whole model."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register(module, name, param)
-        if param is not None and not param.is_meta:
-            meta = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-            module._parameters[name] = meta
-
-    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
+            yield name, torch.empty(shape).normal_(0.0, std[role], generator=gen)
 
 
 class GPT(nn.Module):
@@ -271,11 +290,8 @@ class GPT(nn.Module):
         """init_values from ``seed``; by default torch.initial_seed(), the last torch.manual_seed
         (training/loop.py seeds it with train.seed)."""
         params = dict(self.named_parameters())
-        shapes = ((name, p.shape) for name, p in params.items())
         with torch.no_grad():
-            for name, value in init_values(
-                self.cfg, shapes, torch.initial_seed() if seed is None else seed
-            ):
+            for name, value in init_values(self, torch.initial_seed() if seed is None else seed):
                 params[name].copy_(value)
 
     def forward(
@@ -321,3 +337,16 @@ class GPT(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def layer_prefixes(self) -> list[str]:
+        """The model as a sequence of layers, each by the name prefix of its parameters: the
+        units a pipeline splits into stages (parallel/pipeline.py builds one pipeline layer per
+        entry, in this order). The input layer holds the learned positions, if any, and a tied
+        head is the embedding again."""
+        return [
+            "embed.",
+            "pos_embed.",
+            *(f"blocks.{i}." for i in range(len(self.blocks))),
+            "final_norm.",
+            "embed." if self.head is None else "head.",
+        ]

@@ -1,9 +1,10 @@
 """Tensor-parallel layers, each built from the single-device layer it replaces.
 
-``from_dense`` takes the full layer (initialised from the seed exactly as at tp=1) and keeps
-this rank's shard, so the model starts from the same weights whatever tp is. Sharded parameters
-carry ``tensor_model_parallel = True`` and ``partition_dim``: DeepSpeed's gradient-norm code
-counts such parameters on every tp rank and the others (replicated) on tp rank 0 only.
+Each layer's constructor takes the single-device layer and keeps this rank's shard of its
+weights (``tp_shard``, the one slicing rule; on the meta device while training assembles a
+model, parallel/build.py). Sharded parameters carry ``tensor_model_parallel = True`` and
+``partition_dim``: DeepSpeed's gradient-norm code counts such parameters on every tp rank and
+the others (replicated) on tp rank 0 only.
 
 Our own layers rather than megatron-core's: its layers want a TransformerConfig, fall back to
 its global ``parallel_state`` for groups, assume a sequence-first layout, and their
@@ -23,8 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_llm.data.sft import IGNORE
-from megatron_llm.model.gpt import Embedding, Norm
+from megatron_llm.model.gpt import IGNORE, Embedding, Norm
 from megatron_llm.parallel.collectives import (
     copy_to_tp,
     gather_from_sp,
@@ -54,8 +54,23 @@ class TensorParallel:
         return reduce_from_tp(x, self.group)
 
 
+def tp_shard(whole: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+    """Rank ``rank``'s shard of a whole tensor split over ``size`` tensor-parallel ranks along
+    ``dim``: the one slicing rule, for the layers here, for filling a model and for checkpoints
+    (their whole tensors gather the shards in rank order along the same dim)."""
+    return whole.chunk(size, dim=dim)[rank]
+
+
+def local_part(whole: torch.Tensor, p: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """This rank's part of a whole value of parameter ``p``: its shard where ``p`` is split
+    over tensor parallelism, all of it where ``p`` is replicated."""
+    if size == 1 or not getattr(p, "tensor_model_parallel", False):
+        return whole
+    return tp_shard(whole, p.partition_dim, rank, size)
+
+
 def _shard(p: torch.Tensor, tp: TensorParallel, dim: int) -> nn.Parameter:
-    shard = nn.Parameter(p.detach().chunk(tp.size, dim=dim)[tp.rank].clone())
+    shard = nn.Parameter(tp_shard(p.detach(), dim, tp.rank, tp.size).clone())
     shard.tensor_model_parallel = True  # DeepSpeed: counted once per shard in the grad norm
     shard.partition_dim = dim
     return shard

@@ -1,7 +1,8 @@
 """The decoder as DeepSpeed pipeline layers (``PipelineModule``, 1F1B schedule).
 
-The GPT is built whole from the seed and sharded for tensor parallelism as without pipelines
-(shard.py); its modules then become a flat list of pipeline layers:
+The GPT is built on the meta device and sharded for tensor parallelism as without pipelines,
+and each rank fills in only its stage's layers (parallel/build.py); its modules then become a
+flat list of pipeline layers, in the order of ``GPT.layer_prefixes``:
 
     [embedding] [positions + dropout (+ sequence scatter)] [block 0] ... [block L-1]
     [final norm] [head]
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from deepspeed.pipe import PipelineModule, TiedLayerSpec
@@ -26,6 +27,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_llm.model.gpt import GPT, Block
+from megatron_llm.parallel.groups import ParallelContext
+
+if TYPE_CHECKING:
+    from megatron_llm.config import RunConfig
 
 
 class EmbeddingPipe(nn.Module):
@@ -116,7 +121,7 @@ def split_blocks(model: GPT, stages: int, method: str, split: Sequence[int] | No
     return counts
 
 
-def build_pipeline(model: GPT, ctx: Any, cfg: Any) -> Pipeline:
+def build_pipeline(model: GPT, ctx: ParallelContext, cfg: RunConfig) -> Pipeline:
     """The (tp-sharded) GPT as a PipelineModule over this job's (pp, dp, tp) topology."""
     p = cfg.parallel
     counts = split_blocks(model, ctx.pp, p.pipeline_partition, p.pipeline_split)
@@ -150,21 +155,13 @@ def build_pipeline(model: GPT, ctx: Any, cfg: Any) -> Pipeline:
     )
 
 
-def stage_parameters(model: GPT, ctx: Any, cfg: Any) -> set[str]:
+def stage_parameter_names(model: GPT, ctx: ParallelContext, cfg: RunConfig) -> set[str]:
     """The single-device names of the parameters build_pipeline puts on this rank's stage: the
     embedding and positions on the first, its blocks, the final norm and head on the last (and
     the embedding again there when the head is tied to it)."""
     p = cfg.parallel
     parts = stage_parts(split_blocks(model, ctx.pp, p.pipeline_partition, p.pipeline_split))
-    # What each layer of build_pipeline's list holds, by the single-device names.
-    layers = [
-        "embed.",
-        "pos_embed.",
-        *(f"blocks.{i}." for i in range(len(model.blocks))),
-        "final_norm.",
-        "head." if model.head is not None else "embed.",  # a tied head is the embedding
-    ]
-    prefixes = tuple(layers[parts[ctx.pp_rank] : parts[ctx.pp_rank + 1]])
+    prefixes = tuple(model.layer_prefixes()[parts[ctx.pp_rank] : parts[ctx.pp_rank + 1]])
     return {name for name, _ in model.named_parameters() if name.startswith(prefixes)}
 
 

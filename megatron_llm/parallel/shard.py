@@ -9,10 +9,10 @@
     loss                                   vocab-parallel cross-entropy (logits never gathered)
     norms, residual dropout                on sequence shards when sequence_parallel
 
-Training builds the model with its parameters on the meta device (model.gpt.parameters_on_meta),
-shards it there, and ``materialize`` then fills in each rank's slices from whole values handed
-over one parameter at a time (the seeded init, or a checkpoint's tensors): every tp size starts
-from the same weights, and no rank holds more than its shard plus one whole parameter.
+Training builds the model with its parameters on the meta device, shards it there, and
+``materialize`` then fills in each rank's slices from whole values handed over one parameter at
+a time (the seeded init, or a checkpoint's tensors): every tp size starts from the same weights,
+and no rank holds more than its shard plus one whole parameter (parallel/build.py).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from megatron_llm.parallel.layers import (
     VocabParallelEmbedding,
     VocabParallelLoss,
     enter_once,
+    local_part,
 )
 from megatron_llm.parallel.random import TensorParallelRNG
 
@@ -42,11 +43,7 @@ def shard_model(model: GPT, ctx: ParallelContext, *, sequence_parallel: bool, se
     """Shard ``model`` in place for this rank's tp group (no-op at tp=1); returns it."""
     if ctx.tp == 1:
         return model
-    if sequence_parallel and model.cfg.seq_length % ctx.tp:
-        raise ValueError(
-            f"model.seq_length={model.cfg.seq_length} is not divisible by parallel.tp={ctx.tp}; "
-            "sequence parallelism splits the sequence evenly"
-        )
+    model.cfg.check_divisible_by_tp(ctx.tp, sequence_parallel=sequence_parallel)
     if model.vocab_size % ctx.tp:
         raise ValueError(f"vocabulary of {model.vocab_size} rows does not split over tp={ctx.tp}")
     tp = TensorParallel(
@@ -90,10 +87,10 @@ def materialize(
     source: str,
     only: set[str] | None = None,
 ) -> None:
-    """Give the meta parameters of ``model`` (built under parameters_on_meta, then sharded)
-    storage on the CPU and their values: ``values`` yields (name, whole tensor) by the
-    single-device model's names, one at a time, and each rank copies its slice (``tp`` chunks
-    along ``partition_dim`` for split parameters, all of it otherwise). ``source`` names where
+    """Give the meta parameters of ``model`` (built under build.parameters_on_meta, then
+    sharded) storage on the CPU and their values: ``values`` yields (name, whole tensor) by the
+    single-device model's names, one at a time, and each rank copies its part (layers.local_part:
+    its shard of split parameters, all of the others). ``source`` names where
     the values come from, for errors. With ``only`` (the parameters of this pipeline stage),
     the others stay on the meta device: no memory, and no values."""
     wanted = {id(p) for name, p in model.named_parameters() if only is None or name in only}
@@ -116,8 +113,7 @@ def materialize(
                 raise ValueError(f"{source}: no parameter {name} in this model")
             if p.is_meta:  # another stage's
                 continue
-            if getattr(p, "tensor_model_parallel", False) and ctx.tp > 1:
-                whole = whole.chunk(ctx.tp, dim=p.partition_dim)[ctx.tp_rank]
+            whole = local_part(whole, p, ctx.tp_rank, ctx.tp)
             if tuple(whole.shape) != tuple(p.shape):
                 raise ValueError(
                     f"{source}: {name} has shape {tuple(whole.shape)} on this rank, the model "
