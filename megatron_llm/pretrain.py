@@ -125,7 +125,30 @@ def fail(watchdog: Any, error: Exception) -> NoReturn:
     os._exit(1)  # not sys.exit: a group with a dead member can hang at interpreter exit
 
 
+def lock_checkpoint_dir(cfg: Any, rank: int) -> tuple[Any, str | None]:
+    """(the lock, or None; the refusal every rank returns 2 on, or None). Rank 0 takes the
+    checkpoint dir's lock before anything is written; the verdict reaches every rank."""
+    import torch.distributed as dist
+
+    from megatron_llm.checkpoint.lock import DirLock, LockHeld
+
+    lock, refusal = None, None
+    if rank == 0 and cfg.checkpoint.lock:
+        try:
+            lock = DirLock.acquire(cfg.checkpoint.dir, stale_after_s=cfg.checkpoint.lock_stale_s)
+        except LockHeld as e:
+            refusal = str(e)
+        except OSError as e:
+            refusal = f"checkpoint.dir {cfg.checkpoint.dir}: cannot take its lock ({e})"
+    box = [refusal]
+    dist.broadcast_object_list(box, src=0)
+    return lock, box[0]
+
+
 def main(argv: list[str] | None = None) -> int:
+    from megatron_llm.cluster.supervise import watch_launcher
+
+    watch_launcher()  # first: a rank whose launcher was kill -9-ed must not train on
     quiet_known_warnings()
     import torch.distributed as dist
 
@@ -157,15 +180,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         watchdog.stop()
         return 2
+    lock, refusal = lock_checkpoint_dir(cfg, ctx.rank)
+    if refusal is not None:
+        if ctx.rank == 0:
+            print(f"error: {refusal}", file=sys.stderr, flush=True)
+        watchdog.stop()
+        return 2
     try:
         summary = train(cfg, ctx)
     except CheckpointError as e:  # a refused or impossible resume: say why, no traceback
         print(f"error (rank {ctx.rank}): {e}", file=sys.stderr, flush=True)
         watchdog.stop()
+        if lock is not None:
+            lock.release()
         dist.destroy_process_group()
         return 2
     except Exception as e:
         fail(watchdog, e)
+    if lock is not None:
+        lock.release()
     watchdog.stop()  # before the last barrier: rank 0, which serves the store, may leave first
     if ctx.is_logging_rank:
         print_summary(summary, cfg_path)

@@ -19,6 +19,10 @@ class CheckpointConfig:
     init_from: str | None = None
     keep_last: int = 3  # keep the newest N checkpoints (0 = keep all)
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of K (0 = none)
+    # One run per `dir`: rank 0 holds `dir/.lock` (host, pid, start, heartbeat). A lock whose
+    # heartbeat is older than this many seconds (or whose pid is gone on its host) is taken over.
+    lock_stale_s: float = 60.0
+    lock: bool = True  # false: no lock (only for file systems without hard links)
 
     def __post_init__(self) -> None:
         if self.save_interval < 0:
@@ -27,6 +31,8 @@ class CheckpointConfig:
             raise ValueError("checkpoint.dir: must not be empty")
         if not self.resume:
             raise ValueError("checkpoint.resume: expected auto, never or a checkpoint path")
+        if not self.lock_stale_s > 0:
+            raise ValueError(f"checkpoint.lock_stale_s={self.lock_stale_s}: must be > 0")
         for name in ("keep_last", "keep_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"checkpoint.{name}={getattr(self, name)}: must be >= 0")

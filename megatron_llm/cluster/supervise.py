@@ -15,15 +15,27 @@ parent and:
 - on a second such signal kills everything at once (no save) and exits 128 + signal;
 - if the job fails, names the first of this node's ranks that ended (DeepSpeed's launcher
   prints the exit code next to the wrong rank's command line).
+
+If we die without a chance to act (``kill -9``, the OOM killer), nothing of the job may live
+on: the chain is us -> deepspeed runner (its own session) -> deepspeed launch -> ranks.
+The runner gets PR_SET_PDEATHSIG=SIGKILL (it dies with us; set in the child before exec, and
+our Popen runs on the main thread, whose exit is what the kernel watches). Each rank, which
+knows our pid and start time from MEGATRON_LLM_LAUNCHER, sets PR_SET_PDEATHSIG=SIGKILL for its
+own parent (deepspeed launch) and polls our pid twice a second; when we are gone it SIGKILLs
+its whole process group (the runner's session: runner, launch and every rank of the node) at
+once, so no rank is asked by DeepSpeed's launch to stop "gracefully" (SIGTERM, which our ranks
+answer with a checkpoint). Nothing is saved.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from types import FrameType
 
@@ -31,6 +43,64 @@ import psutil
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 RANK_MARK = "--local_rank="
+LAUNCHER_ENV = "MEGATRON_LLM_LAUNCHER"  # "PID:CREATE_TIME" of the process the user started
+_PR_SET_PDEATHSIG = 1
+_LIBC: ctypes.CDLL | None = None
+
+
+def created(pid: int) -> float | None:
+    """The process's start time (psutil's create_time), or None if there is no such pid (or
+    only its zombie: killed, not yet reaped by its parent)."""
+    try:
+        p = psutil.Process(pid)
+        return None if p.status() == psutil.STATUS_ZOMBIE else p.create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+
+
+def _libc() -> ctypes.CDLL | None:
+    global _LIBC
+    if _LIBC is None and sys.platform.startswith("linux"):
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    return _LIBC
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGKILL this process when its parent thread ends (Linux); exit now if it already has."""
+    libc = _libc()
+    if libc is None:
+        return
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # not fatal: the launcher watch below still ends the rank
+    if os.getppid() != parent:  # the parent died before the prctl took effect
+        os._exit(1)
+
+
+def watch_launcher(poll_s: float = 0.5) -> None:
+    """In a rank started by our Supervisor: end this node's whole job, without a checkpoint,
+    once the launcher the user started is gone. A no-op for ranks started any other way."""
+    mark = os.environ.get(LAUNCHER_ENV)
+    if not mark:
+        return
+    pid_text, _, created_text = mark.partition(":")
+    pid, when = int(pid_text), float(created_text)
+    die_with_parent(os.getppid())
+
+    def watch() -> None:
+        while created(pid) == when:
+            time.sleep(poll_s)
+        print(
+            f"error ({socket.gethostname()} pid {os.getpid()}): the launcher this job was "
+            f"started from (pid {pid}) is gone; stopping every rank of this node now, "
+            "without a checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
+        if os.getpgid(0) == os.getsid(0):  # our own session (start_new_session): all of it
+            os.killpg(0, signal.SIGKILL)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 def catches(pid: int, sig: int) -> bool:
@@ -104,12 +174,15 @@ class Supervisor:
             self.first_gone = self.ranks[gone[0]]
 
     def run(self) -> int:
-        def ignore_usr1() -> None:
-            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        me = os.getpid()
+        _libc()  # loaded here: the child between fork and exec should only make calls
 
-        child = subprocess.Popen(
-            self.cmd, env=self.env, start_new_session=True, preexec_fn=ignore_usr1
-        )
+        def in_child() -> None:
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+            die_with_parent(me)
+
+        env = {**self.env, LAUNCHER_ENV: f"{me}:{created(me)!r}"}
+        child = subprocess.Popen(self.cmd, env=env, start_new_session=True, preexec_fn=in_child)
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         try:
             while child.poll() is None:

@@ -1,0 +1,213 @@
+"""Faults on the run side (issue 14): each either works or fails with one line, exits non-zero
+and leaves earlier outputs intact. Real launches (launch/pretrain.sh), real files, real
+file systems (a full tmpfs where we may mount one)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from megatron_llm.checkpoint.lock import LOCK_NAME, DirLock, LockHeld
+from tests import cluster_runs
+from tests.cluster_runs import PRETRAIN, run_args
+
+# ---------------------------------------------------------------------------------------------
+# One run per checkpoint dir; kill -9 of the launcher. One set of real launches serves both.
+
+
+def _job(launcher: int) -> list[psutil.Process]:
+    """Every process below the launcher: deepspeed runner, deepspeed launch, the ranks."""
+    try:
+        return psutil.Process(launcher).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, email_shard, bpe_model) -> dict:
+    """Run A trains (dp=2, no checkpoint until its end); run B starts on the same checkpoint
+    dir and must be refused; then A's launcher gets kill -9; run C then starts on the dir."""
+    work = tmp_path_factory.mktemp("two_runs")
+    run_dir = work / "a"
+    a_args = run_args(run_dir, email_shard, bpe_model, "parallel.dp=2", "train.steps=100000")
+    a_log = work / "a.log"
+    a = cluster_runs.start(["bash", PRETRAIN, *a_args], work, cluster_runs.env(), a_log)
+    cluster_runs.wait_for(a_log, "step      2 |")
+    holder = json.loads((run_dir / "checkpoints" / LOCK_NAME).read_text())
+    # B: the same checkpoint dir, another logging dir and seed.
+    b_args = [*run_args(work / "b", email_shard, bpe_model, "train.seed=8", "train.steps=2")]
+    b_args.append(f"checkpoint.dir={run_dir}/checkpoints")
+    b_log = work / "b.log"
+    b = cluster_runs.start(["bash", PRETRAIN, *b_args], work, cluster_runs.env(), b_log)
+    b_out = cluster_runs.finish(b, b_log, timeout=240)
+    a_still_running = a.poll() is None
+    job = _job(a.pid)
+    killed_at = time.monotonic()
+    os.kill(a.pid, signal.SIGKILL)  # the process the user started: bash exec'd into launch.py
+    a.wait()
+    left = _alive(job)
+    while left and time.monotonic() - killed_at < 60:
+        time.sleep(0.2)
+        left = _alive(job)
+    seconds = time.monotonic() - killed_at
+    time.sleep(2)  # anything still writing would show
+    ckpts = run_dir / "checkpoints"
+    saved = sorted(p.name for p in ckpts.iterdir() if not p.name.startswith(LOCK_NAME))
+    # C: the lock's holder is gone; C takes it over and finishes.
+    c_args = [*run_args(work / "c", email_shard, bpe_model, "train.steps=2")]
+    c_args.append(f"checkpoint.dir={run_dir}/checkpoints")
+    c_log = work / "c.log"
+    c = cluster_runs.start(["bash", PRETRAIN, *c_args], work, cluster_runs.env(), c_log)
+    c_out = cluster_runs.finish(c, c_log, timeout=240)
+    return {
+        "run_dir": run_dir,
+        "holder": holder,
+        "b": (b.returncode, b_out),
+        "a_still_running": a_still_running,
+        "job": [p.pid for p in job],
+        "left": [p.pid for p in left],
+        "seconds_to_stop": seconds,
+        "saved_after_kill": saved,
+        "a_log": a_log.read_text(),
+        "c": (c.returncode, c_out),
+    }
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_checkpoint_dir_is_refused_naming_the_holder(two_runs):
+    code, out = two_runs["b"]
+    holder = two_runs["holder"]
+    assert code == 2, out
+    assert holder["host"] == socket.gethostname()
+    refusals = [line for line in out.splitlines() if line.startswith("error: checkpoint dir")]
+    assert len(refusals) == 1, out
+    assert f"a run on host {holder['host']} (pid {holder['pid']}" in refusals[0]
+    assert two_runs["a_still_running"]  # the refused run did not disturb the holder
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_launcher_stops_every_rank_without_a_checkpoint(two_runs):
+    assert len(two_runs["job"]) >= 4, two_runs["job"]  # runner, launch, 2 ranks
+    assert two_runs["left"] == [], f"still running: {two_runs['left']}"
+    print(f"every process of the job gone {two_runs['seconds_to_stop']:.1f} s after kill -9")
+    assert two_runs["seconds_to_stop"] < 15, two_runs["seconds_to_stop"]
+    assert "SIGTERM received" not in two_runs["a_log"]  # not asked to save...
+    assert two_runs["saved_after_kill"] == []  # ...and nothing saved, not even a temporary
+
+
+@pytest.mark.slow
+def test_a_lock_left_by_a_dead_run_is_taken_over_with_a_warning(two_runs):
+    code, out = two_runs["c"]
+    assert code == 0, out
+    pid = two_runs["holder"]["pid"]
+    assert f"taking over the lock of a run on host {socket.gethostname()} (pid {pid}" in out
+    assert f"pid {pid} is not running" in out
+    ckpts = two_runs["run_dir"] / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "global_step2"
+    assert not (ckpts / LOCK_NAME).exists()  # released at the end
+
+
+# ---------------------------------------------------------------------------------------------
+# The lock itself, on real files: holders on other hosts, stale heartbeats, release.
+
+
+def _plant(folder: Path, age_s: float, **holder: object) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    path.write_text(json.dumps({"run_id": "x", "started": "then", **holder}))
+    then = time.time() - age_s
+    os.utime(path, (then, then))
+    return path
+
+
+def test_a_live_holder_on_another_host_is_never_judged_by_local_pids(tmp_path):
+    # pid 1 of another host: our own pid 1 says nothing about it; only its heartbeat counts.
+    _plant(tmp_path, age_s=5, host="node-elsewhere", boot_id="b", pid=999999, pid_start=1.0)
+    with pytest.raises(LockHeld, match="a run on host node-elsewhere \\(pid 999999"):
+        DirLock.acquire(tmp_path, stale_after_s=60)
+
+
+def test_a_holder_without_heartbeat_is_taken_over(tmp_path, capsys):
+    _plant(tmp_path, age_s=120, host="node-elsewhere", boot_id="b", pid=1, pid_start=1.0)
+    lock = DirLock.acquire(tmp_path, stale_after_s=60)
+    try:
+        assert "no heartbeat for 120 s (more than 60 s)" in capsys.readouterr().err
+        assert lock.holds()
+    finally:
+        lock.release()
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_a_reused_pid_on_this_host_is_not_the_holder(tmp_path):
+    from megatron_llm.cluster.supervise import created
+
+    # Our own pid, but another start time: the holder was an earlier process with this pid.
+    me = json.loads(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    _plant(tmp_path, age_s=1, boot_id=boot, pid_start=(created(os.getpid()) or 0) - 5, **me)
+    DirLock.acquire(tmp_path, stale_after_s=60).release()
+
+
+def test_the_heartbeat_keeps_a_long_run_from_being_taken_over(tmp_path):
+    lock = DirLock.acquire(tmp_path, stale_after_s=3)  # beats every 0.5 s
+    try:
+        time.sleep(4)
+        with pytest.raises(LockHeld, match=f"pid {os.getpid()}"):
+            DirLock.acquire(tmp_path, stale_after_s=3)
+    finally:
+        lock.release()
+
+
+def test_only_one_of_many_simultaneous_starters_gets_the_lock(tmp_path):
+    code = (
+        "import sys, time\n"
+        "from megatron_llm.checkpoint.lock import DirLock, LockHeld\n"
+        "time.sleep(float(sys.argv[2]) - time.time())\n"
+        "try:\n"
+        "    DirLock.acquire(sys.argv[1]); print('got'); time.sleep(3)\n"
+        "except LockHeld:\n"
+        "    print('refused')\n"
+    )
+    at = str(time.time() + 3)
+    procs = [
+        subprocess.Popen(
+            ["python", "-c", code, str(tmp_path), at], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(6)
+    ]
+    outs = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+    assert outs == ["got"] + ["refused"] * 5, outs
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite settings.
+
+
+@pytest.mark.parametrize(
+    "override", ["optim.lr=inf", "optim.grad_clip=nan", "optim.beta2=-inf", "model.rope_theta=nan"]
+)
+def test_non_finite_settings_are_refused_naming_the_field(override):
+    from megatron_llm.config import ConfigError, load_config
+
+    field, value = override.split("=")
+    with pytest.raises(ConfigError, match=f"{field}={value}: not a finite number"):
+        load_config(None, [override])
