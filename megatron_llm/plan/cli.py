@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--published", action="store_true", help="predicted vs published TFLOP/s")
     parser.add_argument("--top", type=int, default=20, help="rows to print (default 20)")
     parser.add_argument("--json", action="store_true", help="every layout, machine-readable")
-    return parser.parse_args(argv)  # fmt: skip
+    return parser.parse_intermixed_args(argv)  # overrides may follow the options  # fmt: skip
 
 
 def device_of(args: argparse.Namespace) -> Device:

@@ -162,8 +162,14 @@ def activation_bytes(
     else:
         kept = layers * block * in_flight(lay, stage)
     if stage == lay.pp - 1:
-        kept += 2 * unit + 2 * 4 * cfg.seq_length * lay.micro * vocab / lay.tp
+        kept += head_activation_bytes(cfg, vocab, lay, precision)
     return kept
+
+
+def head_activation_bytes(cfg: ModelConfig, vocab: int, lay: Layout, precision: str) -> float:
+    """The last stage's final norm and head inputs and its fp32 logits (see the docstring)."""
+    unit = cfg.seq_length * lay.micro * cfg.hidden_size * element_bytes(precision)
+    return 2 * unit + 2 * 4 * cfg.seq_length * lay.micro * vocab / lay.tp
 
 
 def pipeline_buffer_bytes(cfg: ModelConfig, lay: Layout, precision: str, stage: int) -> float:
