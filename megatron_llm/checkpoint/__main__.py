@@ -27,6 +27,8 @@ import yaml
 from megatron_llm.checkpoint import hf, io
 from megatron_llm.config import ConfigError, from_dict, load_config
 from megatron_llm.config import _apply_override as apply_override
+from megatron_llm.data.tokenizer import TokenizerError
+from megatron_llm.model import hf_names
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -74,46 +76,56 @@ def _run_config(ckpt: io.Checkpoint) -> Any:
 def cmd_export(args: argparse.Namespace) -> int:
     import transformers
 
+    from megatron_llm.data.hf_export import write_tokenizer
+
     ckpt = io.resolve(args.path, args.step)
     cfg = _run_config(ckpt)
     weights = ckpt.weights()
-    vocab = weights["embed.weight"].shape[0]
-    tokenizer = Path(cfg.data.tokenizer)
-    eod = _eod(tokenizer)
-    config = hf.hf_config(cfg.model, vocab, eod)
+    tokenizer = None if args.no_tokenizer else _tokenizer(cfg.data.tokenizer)
+    rows = weights["embed.weight"].shape[0]
+    vocab = hf.export_vocab_size(cfg.model, rows, tokenizer.vocab_size if tokenizer else None)
+    out = Path(args.out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # The tokenizer first: a tokenizer that cannot be expressed stops the export early.
+    ids = write_tokenizer(tokenizer, tmp, cfg.model.seq_length) if tokenizer else {}
+    config = hf.hf_config(cfg.model, vocab, ids)
     cls = (
         transformers.GPT2LMHeadModel if cfg.model.style == "gpt2" else transformers.LlamaForCausalLM
     )
     model = cls(config)
-    state = hf.to_hf(cfg.model, weights)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise hf.ConversionError(f"HF model mismatch: missing {missing}, unexpected {unexpected}")
-    out = Path(args.out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    hf.check_state(
+        model, hf_names.to_hf(cfg.model, hf.trim_vocab(weights, vocab)), config.tie_word_embeddings
+    )
+    model.generation_config.update(
+        bos_token_id=ids.get("bos"), eos_token_id=ids.get("eos"), pad_token_id=ids.get("pad")
+    )
     model.save_pretrained(tmp)
-    if tokenizer.is_file():
-        # The run's own tokenizer file, byte for byte (a sentencepiece model or tokenizer.json).
-        name = "tokenizer.json" if tokenizer.suffix == ".json" else "tokenizer.model"
-        shutil.copyfile(tokenizer, tmp / name)
     (tmp / "megatron_llm.json").write_text(
-        json.dumps({"checkpoint": str(ckpt.path), "step": ckpt.step, "eod": eod}, indent=2) + "\n"
+        json.dumps(
+            {"checkpoint": str(ckpt.path), "step": ckpt.step, "eod": ids.get("eos")}, indent=2
+        )
+        + "\n"
     )
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    print(f"exported {ckpt.path} (step {ckpt.step}) to {out} as {cls.__name__}")
+    trimmed = f", vocabulary trimmed from {rows} to {vocab} rows" if vocab < rows else ""
+    print(f"exported {ckpt.path} (step {ckpt.step}) to {out} as {cls.__name__}{trimmed}")
     return 0
 
 
-def _eod(tokenizer: Path) -> int | None:
-    if not tokenizer.exists():
-        return None
+def _tokenizer(path: str) -> Any:
+    """The run's tokenizer; without it the export would give transformers no way to read text."""
     from megatron_llm.data.tokenizer import Tokenizer
 
-    return Tokenizer(str(tokenizer)).eod
+    if not path or not Path(path).exists():
+        raise hf.ConversionError(
+            f"data.tokenizer={path!r} of the checkpoint's config is not found; pass --no-tokenizer "
+            "to export the weights alone (with the padded vocabulary)"
+        )
+    return Tokenizer(path)
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -121,7 +133,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     hf_dir = Path(args.hf_dir)
     hf_cfg = transformers.AutoConfig.from_pretrained(hf_dir)
-    fields = hf.model_fields(hf_cfg)
+    fields = hf.model_fields(hf_cfg)  # refuses what our model cannot express, naming the field
     raw = load_config(args.config, args.overrides).to_dict()
     # The model is the HF model's; model.* overrides on the command line (seq_length, dropout,
     # ...) still apply on top.
@@ -129,9 +141,13 @@ def cmd_import(args: argparse.Namespace) -> int:
     for item in args.overrides:
         if item.startswith("model."):
             apply_override(raw, item)
+    if not raw["data"]["tokenizer"] and (hf_dir / "tokenizer.json").is_file():
+        raw["data"]["tokenizer"] = str(hf_dir.resolve() / "tokenizer.json")
     cfg = from_dict(raw, source=f"{hf_dir} + {args.config or 'defaults'}")
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    weights = hf.from_hf(cfg.model, model.state_dict())
+    state = model.state_dict()
+    weights = hf_names.from_hf(cfg.model, state)
+    hf.check_all_converted(state, weights, bool(hf_cfg.tie_word_embeddings))
     if "pos_embed.weight" in weights:
         table = weights["pos_embed.weight"]
         if cfg.model.seq_length > table.shape[0]:
@@ -140,6 +156,8 @@ def cmd_import(args: argparse.Namespace) -> int:
                 "positions of the HF model"
             )
         weights["pos_embed.weight"] = table[: cfg.model.seq_length].clone()
+    # Training builds the embedding with the padded vocabulary: pad it here, once.
+    weights = hf.pad_vocab(weights, hf.padded_rows(cfg.model, cfg.parallel.tp))
     path = write_weights_only(Path(args.out), weights, cfg.to_dict())
     print(f"imported {hf_dir} into {path}; train from it with checkpoint.resume={path}")
     return 0
@@ -183,6 +201,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("path", help="a checkpoint folder or a checkpoint dir")
     p.add_argument("out", help="output folder (replaced if it exists)")
     p.add_argument("--step", type=int, help="in a checkpoint dir: this step instead of latest")
+    p.add_argument(
+        "--no-tokenizer", action="store_true", help="weights and config only (no tokenizer files)"
+    )
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("import-hf", help="a weights-only checkpoint from a transformers folder")
     p.add_argument("hf_dir")
@@ -201,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return args.fn(args)
-    except (io.CheckpointError, hf.ConversionError, ConfigError, OSError) as e:
+    except (io.CheckpointError, hf.ConversionError, ConfigError, TokenizerError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ImportError as e:

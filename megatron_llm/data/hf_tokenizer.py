@@ -8,8 +8,11 @@ The end-of-document id is the tokenizer's eos token: the ``eos_token`` of a
 else the special token among EOS_NAMES, first match in that order. The pad id likewise comes from
 ``pad_token`` or PAD_NAMES, and is -1 when there is none.
 
-sha256: of tokenizer.json; when tokenizer_config.json picks the eos or pad token, of tokenizer.json
-followed by those names, so that a change of either gives a new identity.
+``split_special_tokens: true`` in tokenizer_config.json (as transformers reads it) makes special
+tokens written in a text encode as text.
+
+sha256: of tokenizer.json; when tokenizer_config.json picks the eos or pad token or splits special
+tokens, of tokenizer.json followed by those settings, so that a change of any gives a new identity.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from megatron_llm.data.tokenizer import TokenizerError
+from megatron_llm.data.tokenizer_errors import TokenizerError
 
 EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "[EOS]")
 PAD_NAMES = ("<pad>", "<|padding|>", "[PAD]", "<|pad|>")
@@ -69,9 +72,16 @@ class HuggingFaceTokenizer:
                 "end-of-text special token (e.g. <|endoftext|>)"
             )
         self.pad = self._id(pad) if pad else _first(special, PAD_NAMES)
+        # transformers' split_special_tokens: special tokens written in the text are text (as
+        # sentencepiece treats "<s>"); our export of a sentencepiece model sets it.
+        split = bool(config.get("split_special_tokens", False))
+        self._tok.encode_special_tokens = split
         digest = hashlib.sha256(data)
-        if eos or pad:
-            digest.update(json.dumps({"eos_token": eos, "pad_token": pad}).encode())
+        if eos or pad or split:
+            chosen = {"eos_token": eos, "pad_token": pad}
+            digest.update(
+                json.dumps(chosen | ({"split_special_tokens": True} if split else {})).encode()
+            )
         self.sha256 = digest.hexdigest()
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         # Worker processes tokenize in parallel already; one thread each, as for sentencepiece.

@@ -15,6 +15,7 @@ This module imports only sentencepiece and numpy so that tokenizing worker proce
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,7 +23,10 @@ from typing import Any, Protocol
 import numpy as np
 import sentencepiece
 
-from megatron_llm.data.split_encode import ASCII_PUNCTUATION, encode_documents
+from megatron_llm.data.split_encode import ASCII_PUNCTUATION, Splitting, encode_documents
+from megatron_llm.data.tokenizer_errors import TokenizerError
+
+__all__ = ["Tokenizer", "TokenizerError", "huggingface_file"]
 
 _FIX = "train one with data_tools/train_tokenizer.py --output-prefix PREFIX (writes PREFIX.model)"
 HF_FILE = "tokenizer.json"
@@ -36,16 +40,14 @@ _NORMALIZER_CHARSMAP = 2  # precompiled normalization rules; empty for "identity
 _NORMALIZER_ADD_DUMMY_PREFIX = 3  # default true
 _NORMALIZER_REMOVE_EXTRA_WHITESPACES = 4  # default true
 _BPE = 2
-
-
-class TokenizerError(ValueError):
-    """A tokenizer file that cannot be used, with the path and the fix in the message."""
+# A second normalizer_spec holding add_dummy_prefix=false: protobuf merges it into the first.
+_NO_DUMMY_PREFIX = bytes([_MODEL_NORMALIZER_SPEC << 3 | 2, 2, _NORMALIZER_ADD_DUMMY_PREFIX << 3, 0])
 
 
 class _Backend(Protocol):
     kind: str  # recorded in unique_identifiers
     sha256: str
-    split: str  # one of split_encode.SPLITS
+    splitting: Splitting  # how encode_documents cuts texts (split_encode.py)
     vocab_size: int
     eod: int
     pad: int
@@ -63,8 +65,8 @@ class Tokenizer:
         data_tools/preprocess.py.
     pad: the pad id, or -1 when there is none (megatron-core's own "no pad" value).
     sha256: the identity of the tokenizer file(s), stored in shard manifests and checkpoints.
-    split: where encode_documents may cut texts without changing their ids ("symbols",
-        "words", "lines", or "documents": not at all); see split_encode.py.
+    split: where encode_documents may cut texts without changing their ids (one of
+        split_encode.SPLITS; "documents": not at all).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -77,7 +79,7 @@ class Tokenizer:
         else:
             self._impl = SentencePieceTokenizer(self.path)
         self.sha256 = self._impl.sha256
-        self.split = self._impl.split
+        self.split = self._impl.splitting.split
 
     # Pickle by path: datasets holding a Tokenizer may be sent to DataLoader worker processes.
     def __reduce__(self) -> tuple[type, tuple[str]]:
@@ -119,7 +121,7 @@ class Tokenizer:
         (megatron_llm/data/split_encode.py), on one thread: callers parallelize across
         processes.
         """
-        return encode_documents(texts, self.split, self._impl.encode_batch, self.eod, dtype)
+        return encode_documents(texts, self._impl.splitting, self.eod, dtype)
 
     def decode(self, ids: list[int]) -> str:
         return self._impl.decode(list(ids))
@@ -160,7 +162,7 @@ class SentencePieceTokenizer:
                 f"{path}: the model has no EOS piece, which marks the end of every document; {_FIX}"
             )
         self.sha256 = hashlib.sha256(data).hexdigest()
-        self.split = _exact_split(data, self._sp)
+        self.splitting = _splitting(data, self._sp)
         self.vocab_size = self._sp.vocab_size()
         self.eod = self._sp.eos_id()
         self.pad = self._sp.pad_id()
@@ -178,6 +180,19 @@ class SentencePieceTokenizer:
         return self._sp.id_to_piece(token_id)
 
 
+def _splitting(model: bytes, sp: sentencepiece.SentencePieceProcessor) -> Splitting:
+    split = _exact_split(model, sp)
+    normalizer = _fields(_submessage(model, _MODEL_NORMALIZER_SPEC))
+    parts, prefix = sp, ""
+    if split != "documents" and normalizer.get(_NORMALIZER_ADD_DUMMY_PREFIX, 1):
+        # The dummy prefix comes once before a whole text: parts are encoded without it, and
+        # split_encode puts a space before each text instead (with the identity normalizer,
+        # the same "\u2581").
+        parts = sentencepiece.SentencePieceProcessor(model_proto=model + _NO_DUMMY_PREFIX)
+        prefix = " "
+    return Splitting(split, functools.partial(parts.encode, num_threads=1), prefix)
+
+
 def _exact_split(model: bytes, sp: sentencepiece.SentencePieceProcessor) -> str:
     """The finest cut of texts (one of split_encode.SPLITS) after which encoding the parts one
     by one always gives the ids of encoding the whole text.
@@ -191,8 +206,8 @@ def _exact_split(model: bytes, sp: sentencepiece.SentencePieceProcessor) -> str:
       "symbols": besides, no piece holds an ASCII letter next to ASCII punctuation (sentencepiece
           trains so by default: split_by_unicode_script).
     Control, unknown and byte pieces never come from merges and are not looked at. Only for BPE
-    models that never rewrite text (no normalization rules, no dummy prefix, no whitespace
-    squeezing), with byte fallback (without it, adjacent unknown characters become one <unk>,
+    models that never rewrite text inside it (no normalization rules, no whitespace squeezing;
+    a dummy prefix, as in Llama's models, is handled by _splitting), with byte fallback (without it, adjacent unknown characters become one <unk>,
     across any cut). Unigram models never split: their Viterbi search breaks ties between
     equal-score segmentations differently when the input is cut (measured: 96 of 689 stdlib
     files differ).
@@ -203,9 +218,7 @@ def _exact_split(model: bytes, sp: sentencepiece.SentencePieceProcessor) -> str:
         return "documents"
     if normalizer.get(_NORMALIZER_CHARSMAP, b""):
         return "documents"
-    if normalizer.get(_NORMALIZER_ADD_DUMMY_PREFIX, 1) or normalizer.get(
-        _NORMALIZER_REMOVE_EXTRA_WHITESPACES, 1
-    ):
+    if normalizer.get(_NORMALIZER_REMOVE_EXTRA_WHITESPACES, 1):
         return "documents"
     if not sp.is_byte(sp.piece_to_id("<0x0A>")):
         return "documents"

@@ -17,6 +17,15 @@ _STYLE_DEFAULTS = {
 }
 
 
+# Llama 3.1's rope_scaling values, for the fields left null when model.rope_scaling=llama3.
+_LLAMA3_ROPE = {
+    "rope_scaling_factor": 8.0,
+    "rope_low_freq_factor": 1.0,
+    "rope_high_freq_factor": 4.0,
+    "rope_original_seq_length": 8192,
+}
+
+
 @dataclasses.dataclass(kw_only=True)
 class ModelConfig:
     style: Literal["gpt2", "llama"] = "gpt2"  # preset for the fields left null below
@@ -35,6 +44,16 @@ class ModelConfig:
     bias: bool | None = None  # biases in linear layers; null = style default
     norm_eps: float = 1e-5  # epsilon of LayerNorm / RMSNorm
     rope_theta: float = 10000.0  # RoPE base frequency
+    # Head dimension (Megatron's --kv-channels); null = hidden_size / num_heads. Llama-3-style
+    # checkpoints may set it explicitly, and then heads x kv_channels need not equal hidden_size.
+    kv_channels: int | None = None
+    # RoPE frequency scaling for long contexts: null (none) or "llama3" (Llama 3.1+'s rule, with
+    # the four fields below; null ones take Llama 3.1's values 8, 1, 4, 8192).
+    rope_scaling: Literal["llama3"] | None = None
+    rope_scaling_factor: float | None = None
+    rope_low_freq_factor: float | None = None
+    rope_high_freq_factor: float | None = None
+    rope_original_seq_length: int | None = None  # the context length before scaling
     dropout: float = 0.0  # dropout on embeddings and residual branches
     attention_dropout: float = 0.0  # dropout on attention probabilities
     init_std: float = 0.02  # std of normal init; output projections are scaled by 1/sqrt(2L)
@@ -49,10 +68,13 @@ class ModelConfig:
                 raise ValueError(f"model.{name}={getattr(self, name)}: must be >= 1")
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
-        if self.hidden_size % self.num_heads:
+        if self.kv_channels is not None and self.kv_channels < 1:
+            raise ValueError(f"model.kv_channels={self.kv_channels}: must be >= 1 or null")
+        if self.kv_channels is None and self.hidden_size % self.num_heads:
             raise ValueError(
                 f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads="
-                f"{self.num_heads}; the head dimension must be a whole number"
+                f"{self.num_heads}; the head dimension must be a whole number (or set "
+                "model.kv_channels)"
             )
         if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
             raise ValueError(
@@ -61,6 +83,7 @@ class ModelConfig:
             )
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"model: RoPE needs an even head dimension, got {self.head_dim}")
+        self._check_rope_scaling()
         if self.ffn_hidden_size is None:
             if self.activation == "swiglu":
                 # Llama's choice: 2/3 of 4h, rounded up to a multiple of 64 for good matmul shapes.
@@ -80,9 +103,29 @@ class ModelConfig:
         if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
             raise ValueError("model.norm_eps, model.init_std and model.rope_theta must be > 0")
 
+    def _check_rope_scaling(self) -> None:
+        fields = {name: getattr(self, name) for name in _LLAMA3_ROPE}
+        if self.rope_scaling is None:
+            given = [f"model.{name}" for name, value in fields.items() if value is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only used with model.rope_scaling=llama3")
+            return
+        if self.position != "rope":
+            raise ValueError(f"model.rope_scaling={self.rope_scaling!r} needs model.position=rope")
+        for name, default in _LLAMA3_ROPE.items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name}={getattr(self, name)}: must be > 0")
+        if self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ValueError(
+                f"model.rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                f"model.rope_low_freq_factor={self.rope_low_freq_factor}"
+            )
+
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.kv_channels or self.hidden_size // self.num_heads
 
     def check_divisible_by_tp(self, tp: int, *, sequence_parallel: bool = False) -> None:
         for name in ("num_heads", "num_kv_heads", "ffn_hidden_size"):
