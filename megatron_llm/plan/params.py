@@ -3,21 +3,9 @@
 from __future__ import annotations
 
 from megatron_llm.model.config import ModelConfig
+from megatron_llm.model.shape import block_parameters, norm_parameters
 
-
-def block_parameters(cfg: ModelConfig, tp: int) -> int:
-    """One block's parameters on one tensor-parallel rank."""
-    h, hd, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size
-    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
-    split = h * (q + 2 * kv) + q * h + h * f * (3 if cfg.activation == "swiglu" else 2)
-    if cfg.bias:  # column-parallel biases split; the row-parallel outputs' are replicated
-        split += q + 2 * kv + f * (2 if cfg.activation == "swiglu" else 1)
-    replicated = (2 * h if cfg.bias else 0) + 2 * norm_parameters(cfg)
-    return split // tp + replicated
-
-
-def norm_parameters(cfg: ModelConfig) -> int:
-    return cfg.hidden_size * (2 if cfg.norm == "layernorm" else 1)
+__all__ = ["block_parameters", "embedding_parameters", "norm_parameters", "stage_parameters"]
 
 
 def embedding_parameters(cfg: ModelConfig, vocab: int, tp: int) -> int:

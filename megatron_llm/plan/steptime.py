@@ -1,7 +1,7 @@
 """Predicted step time of one layout, from FLOPs and bytes a reader can check by hand.
 
 Per pipeline (every GPU of a stage does the same work), with M = accumulation steps (micro-batches
-per step), F = hardware FLOPs per token (megatron_llm.training.health.flops_per_token, 3 passes,
+per step), F = hardware FLOPs per token (megatron_llm.model.shape.flops_per_token, 3 passes,
 plus one more forward of the blocks under full recompute), T = tokens per step:
 
   compute      c  = F * T / world / M / (peak * efficiency)            per micro-batch
@@ -35,9 +35,9 @@ from __future__ import annotations
 import dataclasses
 
 from megatron_llm.model.config import ModelConfig
+from megatron_llm.model.shape import flops_per_token
 from megatron_llm.plan.memory import Layout, element_bytes
 from megatron_llm.plan.params import stage_parameters
-from megatron_llm.training.health import flops_per_token
 
 EFFICIENCY = 0.6  # achieved / peak FLOP/s of the matmuls; calibrated, see the docstring
 ZERO3_OVERLAP = 0.6  # share of the shorter of compute and ZeRO-3 traffic that runs concurrently

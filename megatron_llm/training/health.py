@@ -1,19 +1,8 @@
 """Honest throughput figures and run health: FLOPs, MFU, peak memory, bad steps, loss spikes.
 
-Model FLOPs per trained token (forward + backward = 3 x forward; recomputation from activation
-checkpointing is not counted, so this is MFU and not hardware utilisation), for L layers,
-hidden h, query width h_q = heads x head_dim, key/value width h_kv = kv_heads x head_dim, MLP
-width f (with m = 3 matrices for SwiGLU, 2 for GELU), sequence s and padded vocabulary V:
-
-    forward per token = L * [ 2h(h_q + 2 h_kv)      q, k, v projections
-                            + 2 h_q h               attention output projection
-                            + 2 m h f               MLP
-                            + 4 s h_q ]             attention scores QK^T and weighted sum AV
-                      + 2 h V                       output head
-    training per token = 3 x forward
-
-The attention term counts the full s x s product (as Megatron-LM and PaLM's appendix do), not
-the causal half. MFU = achieved FLOP/s per device / the device's dense bf16 peak. Peaks are
+Model FLOPs per trained token come from the model's shape (megatron_llm/model/shape.py, where
+the formula is): 3 x forward, with attention, no recomputation counted, so this is MFU and not
+hardware utilisation. MFU = achieved FLOP/s per device / the device's dense bf16 peak. Peaks are
 dense figures, never the 2:4 sparsity ones; a device not in the table reports TFLOP/s and no MFU
 rather than a wrong one.
 """
@@ -27,7 +16,7 @@ from typing import Any
 
 import torch
 
-from megatron_llm.model.config import ModelConfig
+from megatron_llm.model.shape import flops_per_token
 
 # Dense bf16 tensor-core peak, TFLOP/s, by the exact name CUDA reports (vendor data sheets:
 # half the "with sparsity" figure). Exact names, not substrings: "NVIDIA H100 NVL" contains
@@ -51,16 +40,6 @@ PEAK_BF16_TFLOPS = {
     "NVIDIA B200": 2250.0,
     "NVIDIA L40S": 362.0,
 }
-
-
-def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
-    """Model FLOPs to train on one token (see the module docstring for the formula)."""
-    h, s = cfg.hidden_size, cfg.seq_length
-    h_q, h_kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    m = 3 if cfg.activation == "swiglu" else 2
-    per_layer = 2 * h * (h_q + 2 * h_kv) + 2 * h_q * h + 2 * m * h * cfg.ffn_hidden_size
-    per_layer += 4 * s * h_q
-    return 3.0 * (cfg.num_layers * per_layer + 2 * h * vocab_size)
 
 
 def peak_tflops_for(device_name: str) -> float | None:
