@@ -1,25 +1,27 @@
-"""DeepSpeed engine setup: the config dict, AdamW, the schedule and deepspeed.initialize."""
+"""DeepSpeed engine setup: the config dict, AdamW, the schedule and deepspeed.initialize.
+
+Gradient accumulation dtype: in bf16, micro-batch gradients are summed in fp32, as Megatron
+does (``data_types.grad_accum_dtype``). DeepSpeed 0.19 honours that for ZeRO 1 (its bf16
+optimizer keeps fp32 gradient buffers), 2 and 3 (fp32 gradient partitions); it has no fp32
+accumulation for ZeRO 0 in bf16 (it raises NotImplementedError), so ZeRO 0 sums in bf16 and the
+run says so when it accumulates more than one micro-batch.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from megatron_llm.parallel.groups import ParallelContext
 
-if TYPE_CHECKING:
-    from deepspeed import DeepSpeedEngine
-
-    from megatron_llm.config import RunConfig
-
 
 def deepspeed_config(cfg: Any, dp: int) -> dict[str, Any]:
     """The DeepSpeed JSON config for a RunConfig; the run config stays the single source."""
     global_batch = cfg.train.check_global_batch(dp)
     precision = cfg.train.precision
-    return {
+    config: dict[str, Any] = {
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum_steps,
@@ -37,6 +39,18 @@ def deepspeed_config(cfg: Any, dp: int) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,  # our loop logs; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     }
+    if precision == "bf16" and cfg.parallel.zero_stage >= 1:
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
+
+
+def accumulation_dtype(cfg: Any) -> torch.dtype:
+    """The dtype micro-batch gradients are summed in (see the module docstring)."""
+    if cfg.train.precision == "fp32" or (
+        cfg.train.precision == "bf16" and cfg.parallel.zero_stage >= 1
+    ):
+        return torch.float32
+    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -49,7 +63,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def build_engine(model: nn.Module, cfg: RunConfig, ctx: ParallelContext) -> DeepSpeedEngine:
+def build_engine(model: nn.Module, cfg: Any, ctx: ParallelContext) -> Any:
     import deepspeed
 
     from megatron_llm.training.schedule import build_scheduler
@@ -62,6 +76,14 @@ def build_engine(model: nn.Module, cfg: RunConfig, ctx: ParallelContext) -> Deep
     )
     scheduler = build_scheduler(optimizer, o, cfg.train.steps)
     pipelined = isinstance(model, deepspeed.PipelineModule)
+    low = accumulation_dtype(cfg) != torch.float32
+    if low and cfg.train.grad_accum_steps > 1 and ctx.rank == 0:
+        print(
+            f"[engine] warning: ZeRO {cfg.parallel.zero_stage} in {cfg.train.precision} sums "
+            f"{cfg.train.grad_accum_steps} micro-batch gradients in {cfg.train.precision} "
+            "(DeepSpeed has no fp32 accumulation there); parallel.zero_stage=1 sums in fp32",
+            flush=True,
+        )
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -70,11 +92,3 @@ def build_engine(model: nn.Module, cfg: RunConfig, ctx: ParallelContext) -> Deep
         mpu=None if pipelined else ctx,  # a PipelineModule brings its own grid of groups
     )
     return engine
-
-
-def engine_device(engine: DeepSpeedEngine) -> torch.device:
-    """The device of the engine's model, where every tensor fed to it or reduced beside it must
-    live: DeepSpeed's (cuda:LOCAL_RANK on GPUs); the CPU where it names none (a CPU rank
-    started without LOCAL_RANK)."""
-    device = getattr(engine, "device", None)
-    return torch.device("cpu") if device is None else torch.device(device)

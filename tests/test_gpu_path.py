@@ -1,0 +1,104 @@
+"""What makes the code correct on CUDA by construction, proven on CPU ranks: the device decision,
+the groups' timeouts, fp32 gradient accumulation in bf16, the MFU peak table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from megatron_llm.training.health import peak_tflops_for
+from tests.distributed import run_on_ranks
+
+
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 NVL", 835.0),  # contains "H100": a substring rule gave it the SXM 989
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H800", 989.0),
+        ("NVIDIA H200 NVL", 835.0),
+        ("NVIDIA B200", 2250.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA H100", None),  # no such CUDA name: no guess
+        ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", None),  # a MIG slice is not the whole GPU
+        ("Tesla V100-SXM2-32GB", None),
+    ],
+)
+def test_peak_table_matches_exact_device_names(name: str, peak: float | None) -> None:
+    assert peak_tflops_for(name) == peak
+
+
+class Probe(nn.Module):
+    """loss = sum(w * x): the gradient of w is x, so the accumulated gradient is known exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(4, 4))
+        self.b = nn.Parameter(torch.zeros(4))  # a no-decay group, as the model has
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.w * x).sum() + self.b.sum()
+
+
+# One large micro-batch gradient, then seven that bf16 cannot add to it (2**-9 is under half a
+# bf16 step at 1.0): summed in bf16 they vanish, in fp32 they count.
+MICRO = [1.0] + [2.0**-9] * 7
+
+
+def accumulated_gradients(world: int) -> dict:
+    from deepspeed.utils import safe_get_full_grad
+
+    from megatron_llm.cluster.ranks import local_device
+    from megatron_llm.config import load_config
+    from megatron_llm.parallel.config import ParallelConfig
+    from megatron_llm.parallel.engine import accumulation_dtype, build_engine
+    from megatron_llm.parallel.groups import build_context
+
+    ctx = build_context(ParallelConfig(tp=world, timeout_minutes=0.5))
+    out: dict = {
+        "device": str(ctx.device),
+        "decided": str(local_device()),
+        "timeouts": [
+            g._get_backend(ctx.device).options._timeout.total_seconds()
+            for g in (ctx.tp_group, ctx.dp_group, ctx.pp_group)
+        ],
+    }
+    for zero in (0, 1, 2, 3):
+        cfg = load_config(
+            None,
+            [
+                "train.precision=bf16",
+                f"parallel.zero_stage={zero}",
+                "train.micro_batch_size=1",
+                f"train.grad_accum_steps={len(MICRO)}",
+                "optim.grad_clip=0",
+            ],
+        )
+        out[f"dtype{zero}"] = str(accumulation_dtype(cfg))
+        if zero == 0:
+            continue  # DeepSpeed 0.19 has no fp32 accumulation for ZeRO 0 in bf16
+        engine = build_engine(Probe(), cfg, build_context(cfg.parallel))
+        for x in MICRO:
+            engine.backward(engine(torch.full((4, 4), x, dtype=torch.bfloat16)))
+            if engine.is_gradient_accumulation_boundary():
+                out[f"zero{zero}"] = safe_get_full_grad(engine.module.w)[0, 0].item()
+            engine.step()
+    return out
+
+
+def test_rank_device_groups_timeout_and_fp32_accumulation_in_bf16() -> None:
+    results = run_on_ranks(2, accumulated_gradients, 2)
+    exact = sum(MICRO) / len(MICRO)  # DeepSpeed averages over micro-batches (and dp ranks)
+    bf16_sum = MICRO[0] / len(MICRO)
+    for r in results:
+        assert r["device"] == r["decided"] == "cpu"
+        # Every group of the context times out after parallel.timeout_minutes, not torch's 30.
+        assert r["timeouts"] == [30.0, 30.0, 30.0]
+        assert r["dtype0"] == "torch.bfloat16"
+        for zero in (1, 2, 3):
+            assert r[f"dtype{zero}"] == "torch.float32"
+            # ZeRO 1's bf16 optimizer hands the fp32 sum back rounded to bf16; 2 and 3 exactly.
+            expected = exact if zero > 1 else torch.tensor(exact).bfloat16().item()
+            assert r[f"zero{zero}"] == expected != bf16_sum, (zero, r)
