@@ -9,12 +9,17 @@ run says so when it accumulates more than one micro-batch.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from megatron_llm.parallel.groups import ParallelContext
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from megatron_llm.config import RunConfig
 
 
 def deepspeed_config(cfg: Any, dp: int) -> dict[str, Any]:
@@ -63,7 +68,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def build_engine(model: nn.Module, cfg: Any, ctx: ParallelContext) -> Any:
+def build_engine(model: nn.Module, cfg: RunConfig, ctx: ParallelContext) -> DeepSpeedEngine:
     import deepspeed
 
     from megatron_llm.training.schedule import build_scheduler
@@ -92,3 +97,11 @@ def build_engine(model: nn.Module, cfg: Any, ctx: ParallelContext) -> Any:
         mpu=None if pipelined else ctx,  # a PipelineModule brings its own grid of groups
     )
     return engine
+
+
+def engine_device(engine: DeepSpeedEngine) -> torch.device:
+    """The device of the engine's model, where every tensor fed to it or reduced beside it must
+    live: DeepSpeed's (cuda:LOCAL_RANK on GPUs); the CPU where it names none (a CPU rank
+    started without LOCAL_RANK)."""
+    device = getattr(engine, "device", None)
+    return torch.device("cpu") if device is None else torch.device(device)
