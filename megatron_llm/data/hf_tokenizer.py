@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from megatron_llm.data.split_encode import Splitting
 from megatron_llm.data.tokenizer_errors import TokenizerError
 
 EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "[EOS]")
@@ -32,7 +33,6 @@ CONFIG_FILE = "tokenizer_config.json"
 
 class HuggingFaceTokenizer:
     kind = "huggingface"
-    split = "documents"  # tokenizers pre-tokenizes and caches words itself
 
     def __init__(self, path: Path) -> None:
         try:
@@ -84,6 +84,9 @@ class HuggingFaceTokenizer:
             )
         self.sha256 = digest.hexdigest()
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        # Added tokens are matched in the raw text before pre-tokenizing: such texts go whole.
+        added = tuple(t.content for t in self._tok.get_added_tokens_decoder().values())
+        self.splitting = Splitting(exact_split(json.loads(data)), self.encode_batch, whole_if=added)
         # Worker processes tokenize in parallel already; one thread each, as for sentencepiece.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -123,3 +126,41 @@ def _token_name(value: Any) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) and value else None
+
+
+# Pre-tokenizer regexes whose pre-tokens never span a whitespace character that follows a
+# non-whitespace one (the "gpt2-regex" cut; see split_encode.py), except that CL100K keeps
+# symbols together with the newlines after them ("cl100k-regex"). Checked against the
+# tokenizers library on varied text by tests/test_fast_encode.py.
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+CL100K_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_REGEX_SPLITS = {GPT2_REGEX: "gpt2-regex", CL100K_REGEX: "cl100k-regex"}
+
+
+def exact_split(spec: dict[str, Any]) -> str:
+    """Where texts may be cut without changing their ids (split_encode.SPLITS), from the
+    tokenizer.json: for a BPE model without dropout or normalizer, behind GPT-2's byte-level
+    pre-tokenizer (its regex, no prefix space) or a Split on a known regex then a byte-level
+    mapping (Llama 3); "documents" (no cut) for anything else."""
+    model = spec.get("model") or {}
+    if spec.get("normalizer") or model.get("type") != "BPE" or model.get("dropout"):
+        return "documents"
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    if not steps or not _byte_level(steps[-1]):
+        return "documents"
+    if len(steps) == 1:
+        return "gpt2-regex" if steps[0].get("use_regex", True) else "documents"
+    split = steps[0]
+    if len(steps) != 2 or steps[-1].get("use_regex", True) or split.get("type") != "Split":
+        return "documents"
+    if split.get("behavior") != "Isolated" or split.get("invert"):
+        return "documents"
+    return _REGEX_SPLITS.get((split.get("pattern") or {}).get("Regex"), "documents")
+
+
+def _byte_level(step: dict[str, Any]) -> bool:
+    return step.get("type") == "ByteLevel" and not step.get("add_prefix_space", True)

@@ -207,10 +207,10 @@ def _exact_split(model: bytes, sp: sentencepiece.SentencePieceProcessor) -> str:
           trains so by default: split_by_unicode_script).
     Control, unknown and byte pieces never come from merges and are not looked at. Only for BPE
     models that never rewrite text inside it (no normalization rules, no whitespace squeezing;
-    a dummy prefix, as in Llama's models, is handled by _splitting), with byte fallback (without it, adjacent unknown characters become one <unk>,
-    across any cut). Unigram models never split: their Viterbi search breaks ties between
-    equal-score segmentations differently when the input is cut (measured: 96 of 689 stdlib
-    files differ).
+    a dummy prefix, as in Llama's models, is handled by _splitting), with byte fallback
+    (without it, adjacent unknown characters become one <unk>, across any cut). Unigram models
+    never split: their Viterbi search breaks ties between equal-score segmentations differently
+    when the input is cut (measured: 96 of 689 stdlib files differ).
     """
     trainer = _fields(_submessage(model, _MODEL_TRAINER_SPEC))
     normalizer = _fields(_submessage(model, _MODEL_NORMALIZER_SPEC))
