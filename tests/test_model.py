@@ -127,3 +127,37 @@ def test_activation_checkpointing_recomputes_and_keeps_gradients() -> None:
     assert [calls for calls, _ in results] == [1, 2, 2]  # recomputed when checkpointed
     for _, grads in results[1:]:
         torch.testing.assert_close(grads, results[0][1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_init_by_role(style, bias):
+    from megatron_llm.model.gpt import Init, init_roles, init_values
+
+    cfg = tiny(style, bias=bias, num_kv_heads=2, init_std=0.1)
+    model = GPT(cfg, vocab_size=256)
+    # Independent reference: GPT-2's rule written by name, as the model once spelled it.
+    for name, role in init_roles(model).items():
+        if name.endswith("bias"):
+            assert role is Init.ZEROS, name
+        elif "norm" in name:
+            assert role is Init.ONES, name
+        elif name.endswith(("attn.out.weight", "mlp.fc_out.weight")):
+            assert role is Init.RESIDUAL, name
+        else:
+            assert role is Init.NORMAL, name
+    assert set(init_roles(model)) == {n for n, _ in model.named_parameters()}
+    values = dict(init_values(model, 3))
+    residual = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    assert values["blocks.1.attn.out.weight"].std().item() == pytest.approx(residual, rel=0.1)
+    assert values["blocks.1.mlp.fc_in.weight"].std().item() == pytest.approx(0.1, rel=0.1)
+    assert torch.equal(values["final_norm.weight"], torch.ones(cfg.hidden_size))
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_shape_counts_match_the_model(style, bias):
+    from megatron_llm.model.shape import block_parameters
+
+    model = GPT(tiny(style, bias=bias, num_kv_heads=2), vocab_size=256)
+    assert block_parameters(model.cfg) == sum(p.numel() for p in model.blocks[0].parameters())
