@@ -30,8 +30,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ import torch
 import yaml
 
 from megatron_llm.atomic import fsync_dir, write_atomic
+from megatron_llm.checkpoint import rng
 
 FORMAT = "megatron_llm-checkpoint"
 VERSION = 1
@@ -175,10 +178,19 @@ def prune(root: Path, *, keep_last: int, keep_every: int) -> list[Path]:
 
 
 def read_latest(root: Path) -> str | None:
+    """The tag ``latest`` names, or None. Only a name: a folder is trusted by its manifest."""
     try:
-        return (root / "latest").read_text().strip() or None
+        tag = (root / "latest").read_text(encoding="utf-8").strip()
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except UnicodeDecodeError:
+        tag = "<binary>"
+    if tag and step_of(Path(tag)) is None:
+        warnings.warn(
+            f"{root / 'latest'}: not a checkpoint tag ({tag[:40]!r}); ignored", stacklevel=2
+        )
+        return None
+    return tag or None
 
 
 @dataclasses.dataclass
@@ -196,8 +208,10 @@ class Checkpoint:
             manifest = json.loads(manifest_path.read_text())
         except FileNotFoundError:
             raise CheckpointError(f"{manifest_path}: missing; not a complete checkpoint") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{manifest_path}: not valid JSON ({e})") from None
+        if not isinstance(manifest, dict):
+            raise CheckpointError(f"{manifest_path}: not a checkpoint manifest (not an object)")
         if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
             raise CheckpointError(
                 f"{manifest_path}: format {manifest.get('format')!r} version "
@@ -218,10 +232,21 @@ class Checkpoint:
         return bool(self.manifest.get("optimizer", False))
 
     def run_state(self) -> dict[str, Any]:
-        return json.loads((self.path / "run_state.json").read_text())
+        return self._text("run_state.json", json.loads, (json.JSONDecodeError,))
 
     def config(self) -> dict[str, Any]:
-        return yaml.safe_load((self.path / "config.yaml").read_text())
+        # safe_load builds plain data only: a python/object tag is an error, never a call.
+        return self._text("config.yaml", yaml.safe_load, (yaml.YAMLError,))
+
+    def _text(self, name: str, parse: Any, errors: tuple[type[Exception], ...]) -> dict[str, Any]:
+        path = self.path / name
+        try:
+            value = parse(path.read_text(encoding="utf-8"))
+        except (*errors, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: unreadable ({_first_line(e)}); refused") from None
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{path}: expected a mapping, found {type(value).__name__}")
+        return value
 
     def problems(self, *, checksums: bool, files: list[str] | None = None) -> list[str]:
         """What is wrong with the folder ([] if nothing): missing files, sizes, checksums."""
@@ -241,7 +266,7 @@ class Checkpoint:
         return found
 
     def _load(self, name: str) -> Any:
-        return torch.load(self.path / name, map_location="cpu", mmap=True, weights_only=True)
+        return load_tensors(self.path / name, mmap=True)
 
     def tensors(self, *, optimizer: bool) -> dict[str, dict[str, torch.Tensor]]:
         """{name: {"param", and with optimizer "exp_avg", "exp_avg_sq"}}, memory-mapped."""
@@ -260,11 +285,50 @@ class Checkpoint:
         return {name: t["param"] for name, t in self.tensors(optimizer=False).items()}
 
     def rng(self, rank: int) -> dict[str, Any] | None:
+        """That rank's random streams (format in rng.py), or None if none were saved."""
         name = f"rng-{rank:05d}.pt"
         if name not in self.manifest["files"]:
             return None
-        # numpy's and python's generator states are not plain tensors.
-        return torch.load(self.path / name, map_location="cpu", weights_only=False)
+        path = self.path / name
+        # Older checkpoints saved numpy's state as an array: numpy's array classes (data only,
+        # never a call) are the one addition to what weights_only=True accepts.
+        state = load_tensors(path, allow=rng.LEGACY_GLOBALS)
+        try:
+            return rng.from_legacy(state, rank) if rng.is_legacy(state) else rng.check(state)
+        except rng.RngFormatError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+
+
+def load_tensors(path: Path, *, mmap: bool = False, allow: list[Any] | None = None) -> Any:
+    """A torch file holding only tensors and plain containers; never runs code from it.
+
+    ``weights_only=True`` refuses any other pickled object (a class, a function call) before
+    it is built; the refusal names the file. ``allow``: data-only classes to accept as well.
+    """
+    try:
+        with torch.serialization.safe_globals(allow or []):
+            return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: holds pickled Python objects, not only tensors ({_refused_global(e)}); "
+            "refused: loading it could run code from the file"
+        ) from None
+    except RuntimeError:  # not torch.save's zip format (mmap needs it), or damaged
+        raise CheckpointError(
+            f"{path}: not a tensor file in torch.save's zip format (as this project writes); "
+            "refused"
+        ) from None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _refused_global(e: pickle.UnpicklingError) -> str:
+    # torch's message is a page long; the line naming what the file asked for is the useful one.
+    lines = [line.strip() for line in str(e).splitlines()]
+    found = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (found or ["not loadable with weights_only=True"])[0]
 
 
 def candidates(root: str | Path) -> list[Path]:

@@ -13,14 +13,8 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from megatron_llm.checkpoint import io
-from megatron_llm.checkpoint.state import (
-    gather_state,
-    optimizer_step,
-    restore_state,
-    rng_state,
-    set_rng_state,
-)
+from megatron_llm.checkpoint import io, rng
+from megatron_llm.checkpoint.state import gather_state, optimizer_step, restore_state
 from megatron_llm.parallel.groups import ParallelContext
 
 # Config fields a resumed run may not change: they would make the weights, the data order or
@@ -79,7 +73,7 @@ def save(
         writer.tensors(model_file, weights)
         writer.tensors(optim_file, optim)
         index = {n: {"file": model_file, "shape": list(t.shape)} for n, t in weights.items()}
-    writer.tensors(f"rng-{ctx.rank:05d}.pt", rng_state(model))
+    writer.tensors(f"rng-{ctx.rank:05d}.pt", rng.capture(model))
     del weights, optim
     if ctx.rank == 0:
         writer.text("run_state.json", json.dumps(run_state, indent=2) + "\n")
@@ -243,18 +237,37 @@ def restore(
         if scaler is not None and hasattr(scaler, key):
             setattr(scaler, key, value)
     same_layout = all(ckpt.layout.get(k) == v for k, v in _layout(ctx, 0).items() if k != "zero")
-    saved_rng = ckpt.rng(ctx.rank) if same_layout and step else None
+    saved_rng = _saved_rng(ckpt, ctx) if same_layout and step else None
     if saved_rng is not None:
-        set_rng_state(model, saved_rng)
+        rng.restore(model, saved_rng)
     else:
         reseed(step)
         if step and ctx.rank == 0:
+            why = (
+                f"{ckpt.path} holds no random states"
+                if same_layout
+                else f"layout changed ({ckpt.layout} -> {_layout(ctx, 0)})"
+            )
             print(
-                f"[checkpoint] layout changed ({ckpt.layout} -> {_layout(ctx, 0)}): random "
-                "streams re-seeded from the seed and step",
-                flush=True,
+                f"[checkpoint] {why}: random streams re-seeded from the seed and step", flush=True
             )
     return run
+
+
+def _saved_rng(ckpt: io.Checkpoint, ctx: ParallelContext) -> dict[str, Any] | None:
+    # Each rank reads its own file; a refusal on one rank stops every rank with its message
+    # (the others would otherwise wait in the first collective).
+    state, problem = None, None
+    try:
+        state = ckpt.rng(ctx.rank)
+    except io.CheckpointError as e:
+        problem = str(e)
+    problems: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(problems, problem)
+    found = [p for p in problems if p is not None]
+    if found:
+        raise io.CheckpointError(found[0] + (f" (and {len(found) - 1} more)" if found[1:] else ""))
+    return state
 
 
 def engine_state(engine: Any) -> dict[str, Any]:

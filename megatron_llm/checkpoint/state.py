@@ -13,11 +13,9 @@ spread: parameter i of a stage is written by the stage's rank ``i mod (tp * dp)`
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -216,29 +214,3 @@ def restore_state(
         if with_optimizer:
             for key in OPTIM_KEYS:
                 base.state[master][key].copy_(local_slice(whole[key], p, ctx))
-
-
-def rng_state(model: nn.Module) -> dict[str, Any]:
-    """Every random stream this rank draws from: python, numpy, torch (CPU, CUDA), tp forks."""
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-    tp_rng = getattr(model, "tp_rng", None)
-    if tp_rng is not None:
-        state["tp_fork"] = {"torch": tp_rng.state, "cuda": tp_rng.cuda_state}
-    return state
-
-
-def set_rng_state(model: nn.Module, state: Mapping[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    tp_rng = getattr(model, "tp_rng", None)
-    if tp_rng is not None and "tp_fork" in state:
-        tp_rng.state = state["tp_fork"]["torch"]
-        tp_rng.cuda_state = state["tp_fork"]["cuda"]

@@ -191,8 +191,10 @@ def _load_cached(folder: str, base: str, names: tuple[str, ...]) -> tuple[np.nda
     if not Path(folder, f"{base}-description.txt").is_file():
         return None
     try:
+        # Index arrays are plain integers: a cache dir may be shared, and a planted file holding
+        # pickled objects is refused (ValueError) and rebuilt, never unpickled.
         return tuple(
-            np.load(os.path.join(folder, f"{base}-{name}.npy"), allow_pickle=True, mmap_mode="r")
+            np.load(os.path.join(folder, f"{base}-{name}.npy"), allow_pickle=False, mmap_mode="r")
             for name in names
         )
     except (OSError, ValueError, EOFError) as e:
@@ -206,7 +208,7 @@ def _save_cached(folder: str, base: str, arrays: dict[str, np.ndarray], descript
     os.makedirs(folder, exist_ok=True)
     for name, array in arrays.items():
         with open_atomic(os.path.join(folder, f"{base}-{name}.npy")) as f:
-            np.save(f, array, allow_pickle=True)
+            np.save(f, array, allow_pickle=False)
     # Last: it marks the entry complete.
     write_atomic(os.path.join(folder, f"{base}-description.txt"), description)
 

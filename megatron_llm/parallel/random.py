@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -48,3 +49,12 @@ class TensorParallelRNG:
             if self.cuda_state is not None:
                 self.cuda_state = torch.cuda.get_rng_state()
                 torch.cuda.set_rng_state(outer_cuda)
+
+    def state_dict(self) -> dict[str, Any]:
+        # Tensors only, so that a checkpoint loads it with torch.load(weights_only=True).
+        return {"torch": self.state, "cuda": self.cuda_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = state["torch"]
+        if state.get("cuda") is not None and self.cuda_state is not None:
+            self.cuda_state = state["cuda"]
