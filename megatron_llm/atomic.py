@@ -47,6 +47,20 @@ class _Foreign(Exception):  # noqa: N818 (internal carrier, never escapes)
         self.err = err
 
 
+def os_error_in(error: BaseException) -> OSError | None:
+    """The OSError behind ``error`` (itself, or in its cause/context chain), else None.
+    torch.save reports a full disk as RuntimeError("unexpected pos ...") raised while handling
+    the OSError(ENOSPC) of the file's write."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from megatron_llm.checkpoint.io import CheckpointError
+from megatron_llm.checkpoint.io import NO_VERIFY_FLAG, NO_VERIFY_HELP, CheckpointError
 from megatron_llm.config import ConfigError
 from megatron_llm.data.tokenizer import Tokenizer, TokenizerError
 from megatron_llm.eval.generation import Sampling, generate
@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device"
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument(
+        NO_VERIFY_FLAG, dest="no_verify_ckpt", action="store_true", help=NO_VERIFY_HELP
+    )
     args = parser.parse_args(argv)
     if args.max_new_tokens < 0:
         parser.error(f"--max-new-tokens={args.max_new_tokens}: must be >= 0")
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         sampling = Sampling(
             greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p
         )
-        loaded = load_model(args.checkpoint, args.step, args.device)
+        loaded = load_model(args.checkpoint, args.step, args.device, verify=not args.no_verify_ckpt)
         tokenizer = Tokenizer(args.tokenizer or loaded.cfg.data.tokenizer)
         prompts = [tokenizer.encode(p) or [tokenizer.eod] for p in args.prompt]
         start = time.perf_counter()

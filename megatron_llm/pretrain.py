@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from megatron_llm.checkpoint.io import CheckpointError
+    from megatron_llm.checkpoint.runtime import SaveFailed
     from megatron_llm.cluster.checks import EnvironmentCheckError, check_environment
     from megatron_llm.cluster.watchdog import Watchdog
     from megatron_llm.parallel.groups import build_context, init_distributed
@@ -188,6 +189,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = train(cfg, ctx)
+    except SaveFailed as e:  # the same line on every rank; nothing published
+        if ctx.rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        watchdog.stop()
+        if lock is not None:
+            lock.release()
+        dist.destroy_process_group()
+        return 1
     except CheckpointError as e:  # a refused or impossible resume: say why, no traceback
         print(f"error (rank {ctx.rank}): {e}", file=sys.stderr, flush=True)
         watchdog.stop()

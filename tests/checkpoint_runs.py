@@ -139,3 +139,13 @@ def finetune_from(pretrain: list[str], finetune: list[str]) -> dict[str, Any]:
     with torch.no_grad():
         loss = model(*inputs_and_labels(torch.from_numpy(tuned["first_batch"]))).item()
     return {"tuned": tuned, "checkpoint_loss_on_first_batch": loss}
+
+
+def train_or_refusal(argv: list[str]) -> dict[str, Any]:
+    """A run that may end in a refused save: its summary, or {"error": the one line}."""
+    from megatron_llm.checkpoint.io import CheckpointError
+
+    try:
+        return train_run(argv)
+    except CheckpointError as e:
+        return {"error": str(e), "type": type(e).__name__}

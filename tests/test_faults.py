@@ -211,3 +211,159 @@ def test_non_finite_settings_are_refused_naming_the_field(override):
     field, value = override.split("=")
     with pytest.raises(ConfigError, match=f"{field}={value}: not a finite number"):
         load_config(None, [override])
+
+
+# ---------------------------------------------------------------------------------------------
+# Saves that must not happen (non-finite weights) or cannot (a full disk): nothing published,
+# no temporary left, earlier checkpoints intact. Real runs on 2 gloo ranks.
+
+
+def _mount_tmpfs(path: Path, size: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+
+
+@pytest.fixture(scope="module")
+def refused_saves(tmp_path_factory, email_shard, bpe_model) -> dict:
+    """Two runs on the same spawned ranks (dp=2): one diverging (optim.lr=1e30, weights become
+    nan by its last step); one with its checkpoint dir on a tmpfs with room for one checkpoint
+    (saves at steps 2 and 4)."""
+    from tests.checkpoint_runs import overrides
+    from tests.distributed import run_on_ranks
+
+    work = tmp_path_factory.mktemp("refused_saves")
+    full = work / "full"
+    _mount_tmpfs(full, "700k")
+    try:
+        common = ["parallel.dp=2", "train.micro_batch_size=2", "checkpoint.keep_last=0"]
+        diverging = overrides(str(work / "nan"), email_shard.prefix, str(bpe_model), *common)
+        diverging += ["optim.lr=1e30", "optim.warmup_steps=0", "train.steps=3"]
+        diverging += ["train.max_bad_steps=0", "checkpoint.save_interval=1"]
+        disk = overrides(str(work / "disk"), email_shard.prefix, str(bpe_model), *common)
+        disk += ["train.steps=4", "checkpoint.save_interval=2", f"checkpoint.dir={full}/ckpt"]
+        runs = [diverging, disk]
+        per_rank = run_on_ranks(2, _runs, runs)
+        listing = sorted(p.name for p in (full / "ckpt").iterdir())
+        from megatron_llm.checkpoint import io
+
+        ckpt = io.Checkpoint.open(full / "ckpt/global_step2")
+        problems = ckpt.problems(checksums=True)
+        latest = io.read_latest(full / "ckpt")
+    finally:
+        subprocess.run(["umount", "-l", str(full)], check=False)
+    return {
+        "nan": [r[0] for r in per_rank],
+        "nan_dir": work / "nan/checkpoints",
+        "disk": [r[1] for r in per_rank],
+        "disk_listing": listing,
+        "disk_problems": problems,
+        "disk_latest": latest,
+    }
+
+
+def _runs(runs: list[list[str]]) -> list[dict]:
+    import torch.distributed as dist
+
+    from tests.checkpoint_runs import train_or_refusal
+
+    out = []
+    for argv in runs:
+        out.append(train_or_refusal(argv))
+        dist.barrier()
+    return out
+
+
+def test_a_diverged_run_never_publishes_non_finite_weights(refused_saves):
+    results, root = refused_saves["nan"], refused_saves["nan_dir"]
+    assert all(r.get("type") == "SaveFailed" for r in results), results
+    assert len({r["error"] for r in results}) == 1  # the same one line on every rank
+    error = results[0]["error"]
+    assert "not saved: non-finite values (nan or inf) in" in error and "\n" not in error
+    saved = sorted(p.name for p in root.iterdir())
+    print(error, saved)
+    assert "global_step1" in saved  # step 1's weights were finite and saved
+    # Saved while finite, refused once not: never a published nan checkpoint, no temporary.
+    from megatron_llm.checkpoint import io
+
+    for name in saved:
+        assert not name.startswith(io.TMP_PREFIX), saved
+        if name.startswith(io.TAG_PREFIX):
+            weights = io.Checkpoint.open(root / name).weights()
+            assert all(bool(t.isfinite().all()) for t in weights.values()), name
+
+
+def test_a_full_disk_fails_the_save_in_one_line_and_keeps_the_previous_checkpoint(
+    refused_saves,
+):
+    results = refused_saves["disk"]
+    assert all(r.get("type") == "SaveFailed" for r in results), results
+    error = results[0]["error"]
+    print(error)
+    assert error.startswith("checkpoint of step 4 not saved: "), error
+    assert "cannot write (ENOSPC: No space left on device)" in error and "\n" not in error
+    assert refused_saves["disk_listing"] == ["global_step2", "latest"]  # no temporaries
+    assert refused_saves["disk_latest"] == "global_step2"
+    assert refused_saves["disk_problems"] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers of a checkpoint verify it first (as resume does): eval, generate, export-hf.
+
+
+@pytest.fixture(scope="module")
+def corrupt_checkpoint(tmp_path_factory, bpe_model) -> Path:
+    import torch
+
+    from megatron_llm.checkpoint.__main__ import write_weights_only
+    from megatron_llm.config import load_config
+    from megatron_llm.model import GPT
+
+    overrides = ["model.style=gpt2", "model.num_layers=1", "model.hidden_size=32"]
+    overrides += ["model.num_heads=2", "model.seq_length=16", f"data.tokenizer={bpe_model}"]
+    cfg = load_config(None, overrides)
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("corrupt") / "ckpt"
+    write_weights_only(root, dict(GPT(cfg.model, 512).state_dict()), cfg.to_dict())
+    (model_file,) = root.glob("global_step0/model-*.pt")
+    data = bytearray(model_file.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit, inside the embedding's values: still loadable
+    model_file.write_bytes(bytes(data))
+    return root
+
+
+READERS = {
+    "eval": lambda ckpt, shard, out: (
+        ["megatron_llm.eval", ckpt, "--data-prefix", shard] + ["--max-samples", "2"]
+    ),
+    "generate": lambda ckpt, shard, out: (
+        ["megatron_llm.generate", ckpt, "--prompt", "def f("] + ["--max-new-tokens", "2"]
+    ),
+    "export-hf": lambda ckpt, shard, out: ["megatron_llm.checkpoint", "export-hf", ckpt, out],
+}
+
+
+@pytest.mark.parametrize("reader", list(READERS))
+def test_readers_refuse_a_corrupt_checkpoint_in_one_line(
+    reader, corrupt_checkpoint, small_shard, tmp_path
+):
+    import sys
+
+    args = READERS[reader](str(corrupt_checkpoint), small_shard.prefix, str(tmp_path / "hf"))
+    cmd = [sys.executable, "-m", *args]
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0
+    lines = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, refused.stderr
+    assert "global_step0 failed verification: " in lines[0]
+    assert "model-00000.pt: sha256 differs from the manifest (corrupted)" in lines[0]
+    assert not (tmp_path / "hf").exists()
+    forced = subprocess.run(
+        [*cmd, "--no-verify-checkpoint"], capture_output=True, text=True, timeout=300
+    )
+    assert forced.returncode == 0, forced.stderr  # for people who know what they are doing

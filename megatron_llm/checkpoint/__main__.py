@@ -78,7 +78,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from megatron_llm.data.hf_export import write_tokenizer
 
-    ckpt = io.resolve(args.path, args.step)
+    ckpt = io.verified(args.path, args.step, verify=not args.no_verify_ckpt)
     cfg = _run_config(ckpt)
     weights = ckpt.weights()
     tokenizer = None if args.no_tokenizer else _tokenizer(cfg.data.tokenizer)
@@ -203,6 +203,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--step", type=int, help="in a checkpoint dir: this step instead of latest")
     p.add_argument(
         "--no-tokenizer", action="store_true", help="weights and config only (no tokenizer files)"
+    )
+    p.add_argument(
+        io.NO_VERIFY_FLAG, dest="no_verify_ckpt", action="store_true", help=io.NO_VERIFY_HELP
     )
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("import-hf", help="a weights-only checkpoint from a transformers folder")

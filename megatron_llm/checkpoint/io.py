@@ -26,6 +26,7 @@ folder is renamed into place; a process killed at any moment leaves the previous
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -34,14 +35,15 @@ import pickle
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import yaml
 
-from megatron_llm.atomic import fsync_dir, write_atomic
+from megatron_llm.atomic import fsync_dir, os_error_in, write_atomic, write_failed
 from megatron_llm.checkpoint import rng
 
 FORMAT = "megatron_llm-checkpoint"
@@ -91,15 +93,29 @@ class FolderWriter:
         path = self.folder / name
         self._pending[name] = (path.stat().st_size, self._pool.submit(sha256_of, path))
 
+    @contextlib.contextmanager
+    def _file(self, name: str, mode: str) -> Iterator[IO[Any]]:
+        path = self.folder / name
+        try:
+            with open(path, mode) as f:
+                yield f
+                self._done(name, f)
+        except Exception as e:  # a full disk: one line naming the file and the errno
+            err = os_error_in(e)
+            if err is None:
+                raise
+            raise write_failed(path, err) from e
+
     def tensors(self, name: str, obj: Any) -> None:
-        with open(self.folder / name, "wb") as f:
+        with self._file(name, "wb") as f:
             torch.save(obj, f)
-            self._done(name, f)
 
     def text(self, name: str, text: str) -> None:
-        with open(self.folder / name, "w") as f:
+        with self._file(name, "w") as f:
             f.write(text)
-            self._done(name, f)
+
+    def abort(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
 
     def entries(self) -> dict[str, dict[str, Any]]:
         """{file: {bytes, sha256}} of everything written; waits for the checksums."""
@@ -359,6 +375,26 @@ def resolve(path: str | Path, step: int | None = None) -> Checkpoint:
             raise CheckpointError(f"{path}: no checkpoint folder there")
         p = found[0]
     return Checkpoint.open(p)
+
+
+NO_VERIFY_FLAG = "--no-verify-checkpoint"
+NO_VERIFY_HELP = (
+    "skip checking the checkpoint's files against its manifest's sizes and sha256 before use "
+    "(the check reads every byte once: about as long as loading)"
+)
+
+
+def verified(path: str | Path, step: int | None = None, *, verify: bool = True) -> Checkpoint:
+    """:func:`resolve`, then (unless ``verify`` is False) every file's size and sha256 checked
+    against the manifest, as a resume does: a corrupt checkpoint is refused before any work."""
+    ckpt = resolve(path, step)
+    if verify and (problems := ckpt.problems(checksums=True)):
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} failed verification: {problems[0]}{more}; use another "
+            f"checkpoint or restore this one ({NO_VERIFY_FLAG} reads it anyway)"
+        )
+    return ckpt
 
 
 def describe(ckpt: Checkpoint) -> dict[str, Any]:

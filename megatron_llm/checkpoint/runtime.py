@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
+from megatron_llm.atomic import WriteFailed, write_failed
 from megatron_llm.checkpoint import io, rng
 from megatron_llm.checkpoint.state import gather_state, optimizer_step, restore_state
 from megatron_llm.parallel.groups import ParallelContext
@@ -58,45 +60,109 @@ def save(
     keep_every: int = 0,
     names: dict[str, str] | None = None,
 ) -> Path:
-    """Save a complete checkpoint for ``step`` atomically; every rank calls this."""
+    """Save a complete checkpoint for ``step`` atomically; every rank calls this.
+
+    Raises :class:`SaveFailed` on every rank, with nothing published and the temporary folder
+    removed, when any rank's weights are not finite or any file cannot be written (full disk,
+    read-only file system): earlier checkpoints and ``latest`` stay as they were.
+    """
     root_path = Path(root)
-    tmp = _broadcast(io.new_tmp_dir(root_path, step) if ctx.rank == 0 else None)
-    writer = io.FolderWriter(tmp)
-    index: dict[str, Any] = {}
     weights: dict[str, torch.Tensor] = {}
     optim: dict[str, dict[str, torch.Tensor]] = {}
     for name, whole in gather_state(engine, ctx, names=names):
         weights[name] = whole["param"]
         optim[name] = {k: v for k, v in whole.items() if k != "param"}
-    if weights:
-        model_file, optim_file = f"model-{ctx.rank:05d}.pt", f"optim-{ctx.rank:05d}.pt"
-        writer.tensors(model_file, weights)
-        writer.tensors(optim_file, optim)
-        index = {n: {"file": model_file, "shape": list(t.shape)} for n, t in weights.items()}
-    writer.tensors(f"rng-{ctx.rank:05d}.pt", rng.capture(model))
+    bad = [n for part in _all(ctx, non_finite(weights, optim)) for n in part]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise SaveFailed(
+            f"checkpoint of step {step} not saved: non-finite values (nan or inf) in "
+            f"{', '.join(bad[:3])}{more}; the run diverged: resume from the last checkpoint "
+            f"in {root} (--resume auto) with a lower optim.lr, or skip the data"
+        )
+    tmp, error = None, None
+    if ctx.rank == 0:
+        try:
+            tmp = io.new_tmp_dir(root_path, step)
+        except OSError as e:
+            error = str(write_failed(e.filename or root_path, e))
+    tmp, error = _broadcast((tmp, error))
+    if error:
+        raise SaveFailed(f"checkpoint of step {step} not saved: {error}")
+    writer = io.FolderWriter(tmp)
+    index: dict[str, Any] = {}
+    try:
+        if weights:
+            model_file, optim_file = f"model-{ctx.rank:05d}.pt", f"optim-{ctx.rank:05d}.pt"
+            writer.tensors(model_file, weights)
+            writer.tensors(optim_file, optim)
+            index = {n: {"file": model_file, "shape": list(t.shape)} for n, t in weights.items()}
+        writer.tensors(f"rng-{ctx.rank:05d}.pt", rng.capture(model))
+        if ctx.rank == 0:
+            writer.text("run_state.json", json.dumps(run_state, indent=2) + "\n")
+            writer.text("config.yaml", yaml.safe_dump(config, sort_keys=False))
+        entries = writer.entries()
+    except WriteFailed as e:  # the other ranks learn it below, and nobody publishes
+        writer.abort()
+        entries, error = {}, str(e)
     del weights, optim
-    if ctx.rank == 0:
-        writer.text("run_state.json", json.dumps(run_state, indent=2) + "\n")
-        writer.text("config.yaml", yaml.safe_dump(config, sort_keys=False))
-    pieces: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(pieces, (writer.entries(), index))
+    pieces = _all(ctx, (entries, index, error))
+    errors = [part[2] for part in pieces if part[2]]
     final = None
-    if ctx.rank == 0:
+    if ctx.rank == 0 and not errors:
         files: dict[str, Any] = {}
-        for part_files, part_index in pieces:
+        for part_files, part_index, _ in pieces:
             files.update(part_files)
             index.update(part_index)
-        final = io.finish(
-            tmp,
-            root_path,
-            step=step,
-            layout=_layout(ctx, engine.zero_optimization_stage()),
-            optimizer=True,
-            tensors=index,
-            files=files,
-        )
-        io.prune(root_path, keep_last=keep_last, keep_every=keep_every)
-    return Path(_broadcast(str(final) if final else None))
+        try:
+            final = io.finish(
+                tmp,
+                root_path,
+                step=step,
+                layout=_layout(ctx, engine.zero_optimization_stage()),
+                optimizer=True,
+                tensors=index,
+                files=files,
+            )
+        except OSError as e:
+            errors.append(str(write_failed(e.filename or tmp, e)))
+        except WriteFailed as e:
+            errors.append(str(e))
+        else:
+            io.prune(root_path, keep_last=keep_last, keep_every=keep_every)
+    if ctx.rank == 0 and errors:
+        shutil.rmtree(tmp, ignore_errors=True)
+    final, errors = _broadcast((str(final) if final else None, errors))
+    if errors:
+        raise SaveFailed(f"checkpoint of step {step} not saved: {errors[0]}")
+    return Path(final)
+
+
+class SaveFailed(io.CheckpointError):
+    """A checkpoint that was not saved (full disk, non-finite weights); earlier ones intact.
+    The same one-line message on every rank."""
+
+
+def non_finite(
+    weights: dict[str, torch.Tensor], optim: dict[str, dict[str, torch.Tensor]]
+) -> list[str]:
+    """Names of the tensors holding nan or inf: a diverged run must not publish them."""
+    bad = []
+    for name, t in weights.items():
+        # One deliberate host sync per tensor, at save time only.
+        if not bool(torch.isfinite(t).all()):
+            bad.append(name)
+    for name, states in optim.items():
+        for key, t in states.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad.append(f"{name} ({key})")
+    return bad
+
+
+def _all(ctx: ParallelContext, mine: Any) -> list[Any]:
+    pieces: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(pieces, mine)
+    return pieces
 
 
 def _verify_shared(ckpt: io.Checkpoint, ctx: ParallelContext) -> list[str]:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from megatron_llm.checkpoint.io import CheckpointError
+from megatron_llm.checkpoint.io import NO_VERIFY_FLAG, NO_VERIFY_HELP, CheckpointError
 from megatron_llm.config import ConfigError
 from megatron_llm.data.indexed import ShardError
 from megatron_llm.data.tokenizer import Tokenizer, TokenizerError
@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device"
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument(
+        NO_VERIFY_FLAG, dest="no_verify_ckpt", action="store_true", help=NO_VERIFY_HELP
+    )
     parser.add_argument(
         "--no-verify-data", action="store_true", help="skip the shard checks before evaluating"
     )
@@ -92,7 +95,7 @@ def verify_data(args: argparse.Namespace, loaded: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        loaded = load_model(args.checkpoint, args.step, args.device)
+        loaded = load_model(args.checkpoint, args.step, args.device, verify=not args.no_verify_ckpt)
         if args.tokenizer:
             check_tokenizer(args.tokenizer, loaded.path)
         seq_length = args.seq_length or loaded.cfg.model.seq_length

@@ -20,9 +20,12 @@ class LoadedModel:
     step: int
 
 
-def load_model(path: str, step: int | None = None, device: str = "cpu") -> LoadedModel:
-    """path: a checkpoint folder, or a checkpoint dir (its latest, or ``step``)."""
-    ckpt = io.resolve(path, step)
+def load_model(
+    path: str, step: int | None = None, device: str = "cpu", *, verify: bool = True
+) -> LoadedModel:
+    """path: a checkpoint folder, or a checkpoint dir (its latest, or ``step``); its files are
+    checked against the manifest's sha256 first unless ``verify`` is False."""
+    ckpt = io.verified(path, step, verify=verify)
     cfg = from_dict(ckpt.config(), source=str(ckpt.path / "config.yaml"))
     weights = ckpt.weights()
     # The embedding rows are the padded vocabulary the run trained with.
