@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from megatron_llm.data.batch import input_label_pairs, inputs_and_labels
-from megatron_llm.data.sampler import micro_batches
+from megatron_llm.data.sampler import SizedTokenDataset, micro_batches
 from megatron_llm.parallel.engine import engine_device
 from megatron_llm.parallel.groups import ParallelContext, mean_over_dp
 
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
 
 def validation_loss(
-    engine: Any, dataset: Any, *, iters: int, micro_batch_size: int, ctx: ParallelContext
+    engine: DeepSpeedEngine,
+    dataset: SizedTokenDataset,
+    *,
+    iters: int,
+    micro_batch_size: int,
+    ctx: ParallelContext,
 ) -> float:
     """Mean token loss over ``iters`` micro-batches per rank, always the same samples."""
     batches = micro_batches(
