@@ -232,6 +232,7 @@ def _cuts(points: np.ndarray, split: str) -> np.ndarray:
             inner &= ~newline | _ALNUM[clipped[:-1]]
         return inner
     cls = _CLASS[np.minimum(points, 128)]
+    cls[points == 0x2581] = _SPACE  # sentencepiece's own space symbol, written in the text
     before, after = cls[:-1], cls[1:]
     inner = (before == _NL) | (after == _NL)
     if split in ("words", "symbols"):
