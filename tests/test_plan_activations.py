@@ -59,8 +59,11 @@ def kept(layers: int, tp: int, sp: bool, every: int) -> dict:
     return {"bytes": sum(saved.values()), "scores": any(scores)}
 
 
-def measure_all(tp: int, sp: bool) -> dict:
-    return {(L, every): kept(L, tp, sp, every) for L in (2, 3) for every in (0, 1)}
+def measure_all(tp: int, sps: tuple[bool, ...]) -> dict:
+    return {
+        (tp, sp): {(L, every): kept(L, tp, sp, every) for L in (2, 3) for every in (0, 1)}
+        for sp in sps
+    }
 
 
 def _planned(layers: int, tp: int, sp: bool, ckpt: bool, attention: str) -> float:
@@ -71,12 +74,12 @@ def _planned(layers: int, tp: int, sp: bool, ckpt: bool, attention: str) -> floa
 
 @pytest.fixture(scope="module")
 def measured() -> dict:
-    out = {(1, False): measure_all(1, False)}
-    out[(2, True)] = run_on_ranks(2, measure_all, 2, True)[0]  # ranks hold equal shares
+    out = measure_all(1, (False,))
+    out.update(run_on_ranks(2, measure_all, 2, (False, True))[0])  # ranks hold equal shares
     return out
 
 
-@pytest.mark.parametrize("tp, sp", [(1, False), (2, True)])
+@pytest.mark.parametrize("tp, sp", [(1, False), (2, False), (2, True)])
 def test_activation_estimate_matches_what_the_forward_keeps(measured, tp, sp):
     got = measured[(tp, sp)]
     attention = "math" if any(r["scores"] for r in got.values()) else "flash"
@@ -85,7 +88,9 @@ def test_activation_estimate_matches_what_the_forward_keeps(measured, tp, sp):
         # Per block: the difference of 3 and 2 layers (the embedding and head cancel).
         per_block = got[(3, every)]["bytes"] - got[(2, every)]["bytes"]
         planned = _planned(3, tp, sp, ckpt, attention) - _planned(2, tp, sp, ckpt, attention)
-        assert planned == pytest.approx(per_block, rel=0.15), (tp, sp, ckpt)
+        # Exact but for the norms' mean/rstd and attention's log-sum-exp (1/16 of a unit):
+        # tight enough to tell a whole from a sequence-sharded tensor at tp=2.
+        assert planned == pytest.approx(per_block, rel=0.03), (tp, sp, ckpt)
         # Whole: what the forward keeps, plus what the planner counts that backward allocates:
         # the fp32 gradient of the logits, and under checkpointing one block recomputed.
         logits_grad = 4 * SEQ * MICRO * VOCAB / tp

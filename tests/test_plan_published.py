@@ -135,3 +135,15 @@ def test_search_ranks_narayanan_layouts_near_the_top(p):
 
 def p_layout(p):
     return (p.tp, p.pp, p.dp)
+
+
+@pytest.mark.parametrize(
+    "bad, names",
+    [("tp=8,pp=x", "integers"), ("tp=8,xx=1", "xx"), ("tp=8,ckpt=some", "ckpt"),
+     ("tp=0", ">= 1"), ("tp=5", "parallel.tp=5"), ("pp=5", "pp=5"), ("micro=7", "micro=7")],
+)  # fmt: skip
+def test_bad_layouts_exit_2_with_one_line(bad, names, capsys):
+    argv = ["configs/gpt_125m.yaml", "--layout", bad, "--global-batch", "8", "--vocab-size", "500"]
+    assert plan.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and names in err, err
