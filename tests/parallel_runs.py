@@ -125,10 +125,15 @@ def meta_shards(overrides: list[str]) -> dict:
     largest, draw = 0, gpt.init_values
 
     def values(model, seed):  # what the builder hands materialize, measured
-        nonlocal largest
-        for name, value in draw(model, seed):
-            largest = max(largest, value.numel())
-            yield name, value
+        drawn = draw(model, seed)  # reads the unsharded model now, as the builder's call does
+
+        def measured():
+            nonlocal largest
+            for name, value in drawn:
+                largest = max(largest, value.numel())
+                yield name, value
+
+        return measured()
 
     build.init_values = values
     try:

@@ -27,11 +27,19 @@ def _all_gather(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Te
     return torch.cat(parts, dim=dim)
 
 
+def tp_shard(whole: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+    """Rank ``rank``'s shard of a whole tensor split over ``size`` ranks along ``dim``: the one
+    slicing rule, the inverse of the all-gather above (shards concatenated in rank order). Split
+    parameters (parallel/layers.py), the values that fill them and checkpoints' whole tensors
+    (parallel/shard.py, checkpoint/state.py) and sequence shards all follow it."""
+    return whole.chunk(size, dim=dim)[rank]
+
+
 def _my_chunk(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     if x.shape[dim] % size:
         raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split over {size} ranks")
-    return x.chunk(size, dim=dim)[rank].contiguous()
+    return tp_shard(x, dim, rank, size).contiguous()
 
 
 def _reduce_scatter(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:

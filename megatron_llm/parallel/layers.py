@@ -1,8 +1,8 @@
 """Tensor-parallel layers, each built from the single-device layer it replaces.
 
 Each layer's constructor takes the single-device layer and keeps this rank's shard of its
-weights (``tp_shard``, the one slicing rule; on the meta device while training assembles a
-model, parallel/build.py). Sharded parameters carry ``tensor_model_parallel = True`` and
+weights (``collectives.tp_shard``, the one slicing rule; on the meta device while training
+assembles a model, parallel/build.py). Sharded parameters carry ``tensor_model_parallel = True`` and
 ``partition_dim``: DeepSpeed's gradient-norm code counts such parameters on every tp rank and
 the others (replicated) on tp rank 0 only.
 
@@ -31,6 +31,7 @@ from megatron_llm.parallel.collectives import (
     reduce_from_tp,
     reduce_scatter_to_sp,
     scatter_to_sp,
+    tp_shard,
 )
 
 
@@ -52,13 +53,6 @@ class TensorParallel:
         if self.sequence_parallel:
             return reduce_scatter_to_sp(x, self.group)
         return reduce_from_tp(x, self.group)
-
-
-def tp_shard(whole: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
-    """Rank ``rank``'s shard of a whole tensor split over ``size`` tensor-parallel ranks along
-    ``dim``: the one slicing rule, for the layers here, for filling a model and for checkpoints
-    (their whole tensors gather the shards in rank order along the same dim)."""
-    return whole.chunk(size, dim=dim)[rank]
 
 
 def local_part(whole: torch.Tensor, p: torch.Tensor, rank: int, size: int) -> torch.Tensor:
