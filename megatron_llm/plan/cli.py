@@ -136,12 +136,19 @@ def one_layout(args: argparse.Namespace, cfg: Any, vocab: int, device: Device, b
         device, args.gpus_per_node,
     )  # fmt: skip
     e.fits = e.total <= (1 - args.headroom) * device.memory_gb * GB
+    # Evaluated as given (e.g. a published Megatron-LM layout), but this project would refuse it.
+    runnable = lay.pp == 1 or lay.zero == 1
     if args.json:
-        print(json.dumps(row(e), indent=1))
-    else:
-        print(f"{lay.tp * lay.pp * lay.dp} devices, stage {e.memory.stage} holds the most; GB")
-        print(HEADER)
-        print(line(e))
+        print(json.dumps({**row(e), "runnable": runnable}, indent=1))
+        return 0
+    print(f"{lay.tp * lay.pp * lay.dp} devices, stage {e.memory.stage} holds the most; GB")
+    print(HEADER)
+    print(line(e))
+    if not runnable:
+        print(
+            f"note: zero={lay.zero} with pp={lay.pp} is evaluated, but this project runs "
+            "pipelines with ZeRO 1 only (megatron_llm/config.py): use zero=1 to run it"
+        )
     return 0
 
 
