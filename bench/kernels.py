@@ -85,13 +85,13 @@ def bench_norms(args: argparse.Namespace, hbm_tbs: float) -> list[dict]:
             b = torch.randn(hidden, device="cuda", dtype=dtype)
             if norm == "layernorm":
                 ops = {
-                    "ours": lambda x, w, b: kernels.layer_norm(x, w, b, eps),
+                    "ours": lambda x, w, b: kernels.layer_norm(x, w, b, eps, "ours"),
                     "torch": lambda x, w, b, h=hidden: F.layer_norm(x, (h,), w, b, eps),
                 }
                 inputs = (x, w, b)
             else:
                 ops = {
-                    "ours": lambda x, w: kernels.rms_norm(x, w, eps),
+                    "ours": lambda x, w: kernels.rms_norm(x, w, eps, "ours"),
                     "torch": lambda x, w, h=hidden: F.rms_norm(x, (h,), w, eps),
                 }
                 inputs = (x, w)
@@ -132,7 +132,8 @@ def bench_attention(args: argparse.Namespace) -> list[dict]:
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-        ours_ms = time_ms(forward_backward(kernels.causal_attention, q, k, v))
+        ours = lambda q, k, v: kernels.causal_attention(q, k, v, 0.0, "ours")  # noqa: E731
+        ours_ms = time_ms(forward_backward(ours, q, k, v))
         flash_ms = time_ms(forward_backward(flash, q, k, v))
         flops = 3.5 * 4 * batch * heads * seq**2 * head_dim / 2
         results.append(
@@ -170,7 +171,7 @@ def bench_model(args: argparse.Namespace, peak_tflops: float) -> list[dict]:
         optimizer.step()
 
     results = []
-    for name, env in (("ours", ""), ("torch", "torch")):
+    for name, env in (("ours", "ours"), ("torch", "torch")):
         os.environ[kernels.ENV] = env  # read on every call
         ms = time_ms(step, warmup=3, reps=10)
         tokens_s = args.model_batch * cfg.seq_length / ms * 1e3
@@ -200,8 +201,8 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench/kernels.py: CUDA is not available; these benchmarks need a GPU. Nothing run.")
         return 0
-    if kernels.backend() != "cuda":
-        print(f"bench/kernels.py: the fused kernels are not in use: {kernels.backend_reason()}")
+    if kernels.backend("ours") != "cuda":
+        print(f"bench/kernels.py: our kernels cannot run: {kernels.backend_reason('ours')}")
         return 1
     name = torch.cuda.get_device_name()
     known = next(((hbm, tf) for key, hbm, tf in PEAKS if key in name), (None, None))

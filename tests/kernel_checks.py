@@ -37,10 +37,10 @@ def check_norm(
     against the reference: y and dx within ``tol``; dweight and dbias, sums over the rows,
     within atol sum_tol * sqrt(rows) and rtol sum_tol."""
     if norm == "layernorm":
-        ours = grads(lambda x, w, b: kernels.layer_norm(x, w, b, 1e-5), x, w, b)
+        ours = grads(lambda x, w, b: kernels.layer_norm(x, w, b, 1e-5, "ours"), x, w, b)
         ref = grads(lambda x, w, b: reference.layer_norm(x, w, b, 1e-5), x, w, b)
     else:
-        ours = grads(lambda x, w: kernels.rms_norm(x, w, 1e-5), x, w)
+        ours = grads(lambda x, w: kernels.rms_norm(x, w, 1e-5, "ours"), x, w)
         ref = grads(lambda x, w: reference.rms_norm(x, w, 1e-5), x, w)
     torch.testing.assert_close(ours[0], ref[0], **tol)
     torch.testing.assert_close(ours[1][0], ref[1][0], **tol)  # dx
@@ -56,7 +56,7 @@ def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """As flash-attention's tests: the error of megatron_llm.kernels.causal_attention against
     an fp32 reference, output and every gradient, within a small multiple of the error of
     PyTorch's own computation in the same low precision."""
-    ours = grads(kernels.causal_attention, q, k, v)
+    ours = grads(lambda q, k, v: kernels.causal_attention(q, k, v, 0.0, "ours"), q, k, v)
     fp32 = grads(reference.causal_attention, q.float(), k.float(), v.float())
     low = grads(reference.causal_attention, q, k, v)
     for name, got, want, theirs in zip(

@@ -1,10 +1,13 @@
 """megatron_llm.kernels: which path runs, and that every path gives the PyTorch reference's answer.
 
-CPU tier: the fallback is what runs here and matches the plain-PyTorch model; the environment
-variable and model.kernels force it; the dispatch and the autograd Functions of fused.py are
-exercised against FakeExtension, a PyTorch implementation of csrc/bindings.cpp's contract that
-follows the kernels' algorithm (saved statistics, log-sum-exp, delta, group sums), so the
-formulas in the .cu files are checked here too.
+CPU tier (a Python double, not the CUDA code): the fallback is what runs here and matches the
+plain-PyTorch model; the environment variable and model.kernels force it; the dispatch and the
+autograd Functions of fused.py are exercised against FakeExtension, a PyTorch double of
+csrc/bindings.cpp's contract written after the kernels' algorithm (saved statistics,
+log-sum-exp, delta, group sums). It checks the dispatch, the autograd wiring and the formulas as
+we wrote them down again in Python; it never runs a line of the .cu files, so a bug in the CUDA
+code passes here. The .cu code itself runs on CPU in the emulator tier
+(tests/test_kernel_emulator.py, with tests/kernel_checks.py) and on a GPU in the GPU tier.
 GPU tier (marked gpu, skipped without CUDA and the built extension): parity of every kernel with
 the reference, forward and all gradients, over dtypes and shapes.
 The kernels' own code also runs on CPU, in an emulator: tests/test_kernel_emulator.py.
@@ -19,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_llm import kernels
-from megatron_llm.kernels import fused, reference
+from megatron_llm.kernels import fused, measured, reference
 from megatron_llm.model import GPT, ModelConfig
 from tests import kernel_checks
 from tests.kernel_checks import grads
@@ -31,7 +34,8 @@ def acc(t: torch.Tensor) -> torch.Tensor:
 
 
 class FakeExtension:
-    """csrc/bindings.cpp's functions in PyTorch (fp32 math), recording each call."""
+    """A Python double of csrc/bindings.cpp's functions (fp32 math), recording each call.
+    Not the CUDA code: tests/test_kernel_emulator.py runs that."""
 
     def __init__(self) -> None:
         self.calls: list[str] = []
@@ -106,11 +110,12 @@ class FakeExtension:
 
 @pytest.fixture
 def fake_ext(monkeypatch):
-    """The fused path on CPU: a FakeExtension, and CPU tensors taken for CUDA ones."""
+    """The fused path on CPU: a FakeExtension, CPU tensors taken for CUDA ones, and ours chosen
+    wherever it fits (MEGATRON_LLM_KERNELS=ours: nothing is measured on CPU)."""
     ext = FakeExtension()
     monkeypatch.setattr(fused, "ext", ext)
     monkeypatch.setattr(kernels, "_is_cuda", lambda t: True)
-    monkeypatch.delenv(kernels.ENV, raising=False)
+    monkeypatch.setenv(kernels.ENV, "ours")
     return ext
 
 
@@ -126,7 +131,7 @@ def test_backend_reports_the_fallback_and_why(monkeypatch):
         assert fused.IMPORT_ERROR in kernels.backend_reason()
     monkeypatch.setenv(kernels.ENV, "torch")
     assert kernels.backend() == "torch"
-    assert kernels.backend_reason() == "forced by MEGATRON_LLM_KERNELS=torch"
+    assert kernels.backend_reason().startswith("torch's path forced (MEGATRON_LLM_KERNELS=torch")
     monkeypatch.setenv(kernels.ENV, "cuda-please")
     with pytest.raises(ValueError, match="MEGATRON_LLM_KERNELS='cuda-please'"):
         kernels.backend()
@@ -142,7 +147,8 @@ def test_cpu_tensors_never_reach_the_extension(monkeypatch):
     q = torch.randn(1, 2, 5, 64, dtype=torch.bfloat16)
     kernels.causal_attention(q, q, q)
     assert ext.calls == []
-    assert kernels.backend() == ("torch" if not torch.cuda.is_available() else "cuda")
+    if not torch.cuda.is_available():
+        assert kernels.backend() == "torch"
 
 
 def test_the_fused_path_is_taken_when_it_fits(fake_ext):
@@ -211,6 +217,72 @@ def test_unsupported_inputs_fall_back(fake_ext, case):
 def test_impl_is_validated():
     with pytest.raises(ValueError, match="impl='cuda'"):
         kernels.rms_norm(torch.randn(2, 8), torch.ones(8), 1e-5, "cuda")
+
+
+def _measurement(ours_ms: float, torch_ms: float) -> measured.Measurement:
+    return measured.Measurement(ours_ms, torch_ms, "NVIDIA H200", "test")
+
+
+def test_auto_runs_ours_only_where_measured_faster(fake_ext, monkeypatch):
+    monkeypatch.delenv(kernels.ENV)  # auto, the default
+    x, w = torch.randn(3, 64), torch.randn(64)
+    q = torch.randn(1, 4, 5, 64, dtype=torch.bfloat16)
+    kernels.layer_norm(x, w, w, 1e-5)
+    kernels.rms_norm(x, w, 1e-5)
+    kernels.causal_attention(q, q[:, :2], q[:, :2])
+    assert fake_ext.calls == []  # nothing measured: torch's path everywhere
+    # CPU tensors pretend to be an sm_90 GPU here (kernels._capability).
+    monkeypatch.setattr(
+        measured,
+        "MEASURED",
+        {
+            ("rms_norm", "float32", "hidden<=1024", "sm_90"): _measurement(1.0, 2.0),
+            ("layer_norm", "float32", "hidden<=1024", "sm_90"): _measurement(3.0, 2.0),
+            ("attention", "bfloat16", "head_dim=64,mha,seq<=2048", "sm_90"): _measurement(1, 2),
+        },
+    )
+    kernels.layer_norm(x, w, w, 1e-5)  # measured slower
+    kernels.rms_norm(x, w, 1e-5)  # measured faster
+    kernels.rms_norm(torch.randn(3, 2048), torch.randn(2048), 1e-5)  # another shape class
+    kernels.rms_norm(x.bfloat16(), w, 1e-5)  # another dtype
+    kernels.causal_attention(q, q[:, :2], q[:, :2])  # gqa: not the measured mha class
+    kernels.causal_attention(q, q, q)
+    assert fake_ext.calls == ["rmsnorm_forward", "attention_forward"]
+    fake_ext.calls.clear()
+    kernels.rms_norm(x, w, 1e-5, "torch")  # the model's torch wins over a measurement
+    assert fake_ext.calls == []
+
+
+def test_ours_and_torch_precedence(monkeypatch):
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    assert [kernels._mode(i) for i in ("auto", "ours", "torch")] == ["auto", "ours", "torch"]
+    monkeypatch.setenv(kernels.ENV, "ours")
+    assert [kernels._mode(i) for i in ("auto", "ours", "torch")] == ["ours", "ours", "torch"]
+    monkeypatch.setenv(kernels.ENV, "torch")
+    assert [kernels._mode(i) for i in ("auto", "ours", "torch")] == ["torch"] * 3
+
+
+def test_backend_reason_says_why_torch_runs(monkeypatch):
+    unmeasured = kernels.reason_for("auto", True, (9, 0))
+    assert "no measurement shows our kernels faster on sm_90" in unmeasured
+    assert "MEGATRON_LLM_KERNELS=ours" in unmeasured
+    assert kernels.reason_for("ours", True, (9, 0)) == ""
+    assert kernels.reason_for("ours", True, None) == "no CUDA device"
+    assert "not built" in kernels.reason_for("ours", False, (9, 0))
+    assert "forced" in kernels.reason_for("torch", True, (9, 0))
+    entry = ("attention", "bfloat16", "head_dim=128,gqa,seq<=4096", "sm_90")
+    monkeypatch.setattr(measured, "MEASURED", {entry: _measurement(1.0, 2.0)})
+    assert kernels.reason_for("auto", True, (9, 0)) == ""
+    assert "on sm_80" in kernels.reason_for("auto", True, (8, 0))  # measured on another arch
+    assert measured.faster_classes((9, 0)) == ["attention bfloat16 head_dim=128,gqa,seq<=4096"]
+
+
+def test_shape_classes():
+    assert measured.norm_class(768) == "hidden<=1024"
+    assert measured.norm_class(2048) == "hidden<=4096"
+    assert measured.norm_class(40000) == "hidden>32768"
+    assert measured.attention_class(64, 32, 8, 4096) == "head_dim=64,gqa,seq<=4096"
+    assert measured.attention_class(128, 12, 12, 2048) == "head_dim=128,mha,seq<=2048"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -415,10 +487,10 @@ def test_gpu_norm_parity(dtype, rows, hidden, norm):
 def test_gpu_norm_uses_the_kernel_and_is_deterministic():
     x = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(1024, device="cuda", requires_grad=True)
-    y = kernels.rms_norm(x, w, 1e-5)
+    y = kernels.rms_norm(x, w, 1e-5, "ours")
     assert "RMSNormFunction" in type(y.grad_fn).__name__
     first = torch.autograd.grad(y, (x, w), torch.ones_like(y))
-    second = torch.autograd.grad(kernels.rms_norm(x, w, 1e-5), (x, w), torch.ones_like(y))
+    second = torch.autograd.grad(kernels.rms_norm(x, w, 1e-5, "ours"), (x, w), torch.ones_like(y))
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
@@ -444,7 +516,7 @@ def test_gpu_attention_saves_the_log_sum_exp_and_is_deterministic():
     q, k, v = (torch.randn(1, 2, 300, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     assert (
         "CausalAttentionFunction"
-        in type(kernels.causal_attention(q.requires_grad_(), k, v).grad_fn).__name__
+        in type(kernels.causal_attention(q.requires_grad_(), k, v, 0.0, "ours").grad_fn).__name__
     )
     q = q.detach()
     out, lse = fused.ext.attention_forward(q, k, v)
@@ -475,7 +547,7 @@ def test_gpu_tensor_core_layouts_are_the_emulators():
 def test_gpu_model_with_and_without_kernels(style):
     torch.manual_seed(0)
     cfg = dict(num_layers=2, hidden_size=256, num_heads=4, num_kv_heads=2, seq_length=128)
-    ours = GPT(ModelConfig(style=style, **cfg), 512).cuda().bfloat16()
+    ours = GPT(ModelConfig(style=style, kernels="ours", **cfg), 512).cuda().bfloat16()
     plain = GPT(ModelConfig(style=style, kernels="torch", **cfg), 512).cuda().bfloat16()
     plain.load_state_dict(ours.state_dict())
     tokens = torch.randint(0, 512, (4, 128), device="cuda")

@@ -1,18 +1,22 @@
 """Fused ops the model calls: layer norm, RMS norm and causal attention.
 
-Each op runs the fused CUDA kernel of csrc/ (through megatron_llm.kernels.fused) when all of
-these hold, and its PyTorch reference (megatron_llm.kernels.reference) otherwise:
+Each op runs our CUDA kernel of csrc/ (through megatron_llm.kernels.fused) when all of these
+hold, and torch's path (megatron_llm.kernels.reference: F.layer_norm, F.rms_norm, and
+F.scaled_dot_product_attention, which is flash / cuDNN attention on a GPU) otherwise:
 
 - the extension `megatron_llm_kernels` is built (setup.py builds it when torch has CUDA and nvcc
   is found) and imports;
-- neither MEGATRON_LLM_KERNELS=torch (environment) nor impl="torch" (the model's
-  `model.kernels: torch`) forces the fallback;
 - the tensors are on CUDA and fit the kernels: norms take fp32/fp16/bf16 with hidden size up to
   32768; attention takes fp16/bf16, head_dim 64 or 128, equal query and key lengths, no dropout,
-  on a GPU of compute capability 8.0 or newer (its tensor-core instructions).
+  on a GPU of compute capability 8.0 or newer (its tensor-core instructions);
+- the mode allows it. ``auto`` (the default): only where megatron_llm/kernels/measured.py holds
+  a measurement showing ours faster than torch's path for that op, dtype, shape class and GPU
+  architecture; nothing is measured yet, so torch's path runs everywhere. ``ours``: wherever it
+  fits (opt in with MEGATRON_LLM_KERNELS=ours or `model.kernels: ours`). ``torch``: never
+  (MEGATRON_LLM_KERNELS=torch or `model.kernels: torch`). torch from either side wins, then ours.
 
-`backend()` says which path this process takes and `backend_reason()` why. The fallback is
-always correct, so a run never fails for want of the extension; it is only slower.
+`backend()` says which path this process takes, `backend_reason()` why, and `status()` both in
+one line. Torch's path is always correct, so a run never fails for want of the extension.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from typing import Literal
 
 import torch
 
-from megatron_llm.kernels import fused, reference
+from megatron_llm.kernels import fused, measured, reference
 
-Impl = Literal["auto", "torch"]
+Impl = Literal["auto", "torch", "ours"]
+_MODES = ("auto", "torch", "ours")
 ENV = "MEGATRON_LLM_KERNELS"
 _NORM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
@@ -33,42 +38,92 @@ _NORM_MAX_HIDDEN = 32768  # kNormMaxHidden in csrc/kernels.h
 _ATTENTION_HEAD_DIMS = (64, 128)
 
 
-def _forced_by_env() -> bool:
-    value = os.environ.get(ENV, "").strip().lower()
-    if value not in ("", "auto", "torch"):
-        raise ValueError(f"{ENV}={value!r}: expected 'torch' (force the fallback), 'auto' or unset")
-    return value == "torch"
+def _env_mode() -> str:
+    value = os.environ.get(ENV, "").strip().lower() or "auto"
+    if value not in _MODES:
+        raise ValueError(
+            f"{ENV}={value!r}: expected 'auto' (ours where measured faster; the default), "
+            "'ours' (ours wherever it fits) or 'torch' (never ours)"
+        )
+    return value
 
 
-def backend_reason() -> str:
-    """Why this process uses the PyTorch fallback; '' when the CUDA kernels are in use. A call can
-    still fall back for its own reasons (CPU tensors, dtype, sizes, dropout, impl='torch')."""
-    if _forced_by_env():
-        return f"forced by {ENV}=torch"
-    if fused.ext is None:
+def _mode(impl: Impl) -> str:
+    """The mode of one call: the model's impl and the environment; torch wins, then ours."""
+    if impl not in _MODES:
+        raise ValueError(f"kernels impl={impl!r}: expected 'auto', 'ours' or 'torch'")
+    modes = (impl, _env_mode())
+    return "torch" if "torch" in modes else "ours" if "ours" in modes else "auto"
+
+
+def _cuda_capability_now() -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+
+
+def reason_for(mode: str, built: bool, capability: tuple[int, int] | None) -> str:
+    """Why ``mode`` runs torch's path in a process with or without the extension and a GPU of
+    ``capability`` (None: no CUDA); '' when our kernels run (where they fit)."""
+    if mode == "torch":
+        return f"torch's path forced ({ENV}=torch or model.kernels=torch)"
+    if not built:
         return (
             f"extension megatron_llm_kernels not built ({fused.IMPORT_ERROR}); see csrc/README.md"
         )
-    if not torch.cuda.is_available():
+    if capability is None:
         return "no CUDA device"
+    if mode == "auto" and not measured.faster_classes(capability):
+        return (
+            f"torch's fused path by default: no measurement shows our kernels faster on "
+            f"{measured.arch(capability)} (megatron_llm/kernels/measured.py is empty for it); "
+            f"{ENV}=ours or model.kernels=ours opts in"
+        )
     return ""
 
 
-def backend() -> str:
-    """'cuda' when the fused kernels run on CUDA tensors in this process, else 'torch'."""
-    return "torch" if backend_reason() else "cuda"
+def backend_reason(impl: Impl = "auto") -> str:
+    """Why this process runs torch's path for model.kernels=``impl``; '' when our kernels run.
+    A call can still take torch's path for its own reasons (CPU tensors, dtype, sizes, dropout,
+    and under auto a shape class no measurement covers)."""
+    return reason_for(_mode(impl), fused.ext is not None, _cuda_capability_now())
+
+
+def backend(impl: Impl = "auto") -> str:
+    """'cuda' when our kernels run on CUDA tensors in this process (where they fit), else
+    'torch'."""
+    return "torch" if backend_reason(impl) else "cuda"
+
+
+def status(impl: Impl = "auto") -> str:
+    """One line for logs and scripts: the path, its reason, and under auto the measured
+    classes where ours runs."""
+    why = backend_reason(impl)
+    if why:
+        return f"torch: {why}"
+    capability = _cuda_capability_now()
+    if _mode(impl) == "ours" or capability is None:
+        return f"cuda: our kernels wherever they fit ({ENV}=ours or model.kernels=ours)"
+    return "cuda: our kernels, measured faster for " + "; ".join(
+        measured.faster_classes(capability)
+    )
 
 
 def _is_cuda(t: torch.Tensor) -> bool:
     return t.is_cuda  # a function, so that CPU tests can pretend and exercise the fused path
 
 
-def _use_fused(impl: Impl, *tensors: torch.Tensor | None) -> bool:
-    if impl not in ("auto", "torch"):
-        raise ValueError(f"kernels impl={impl!r}: expected 'auto' or 'torch'")
-    if impl == "torch" or fused.ext is None or _forced_by_env():
+def _use_fused(impl: Impl, *tensors: torch.Tensor | None) -> str | None:
+    """The mode ('auto' or 'ours') when our kernel may run for these tensors, else None."""
+    mode = _mode(impl)
+    if mode == "torch" or fused.ext is None:
+        return None
+    return mode if all(t is None or _is_cuda(t) for t in tensors) else None
+
+
+def _chosen(mode: str | None, op: str, x: torch.Tensor, shape: str) -> bool:
+    # Under auto, ours only where measured faster (megatron_llm/kernels/measured.py).
+    if mode is None:
         return False
-    return all(t is None or _is_cuda(t) for t in tensors)
+    return mode == "ours" or measured.ours_is_faster(op, x.dtype, shape, _capability(x))
 
 
 def _norm_fits(x: torch.Tensor) -> bool:
@@ -82,7 +137,8 @@ def layer_norm(
     eps: float,
     impl: Impl = "auto",
 ) -> torch.Tensor:
-    if _use_fused(impl, x, weight, bias) and _norm_fits(x):
+    mode = _use_fused(impl, x, weight, bias)
+    if mode and _norm_fits(x) and _chosen(mode, "layer_norm", x, measured.norm_class(x.shape[-1])):
         return fused.LayerNormFunction.apply(x, weight, bias, eps)
     return reference.layer_norm(x, weight, bias, eps)
 
@@ -90,7 +146,8 @@ def layer_norm(
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, impl: Impl = "auto"
 ) -> torch.Tensor:
-    if _use_fused(impl, x, weight) and _norm_fits(x):
+    mode = _use_fused(impl, x, weight)
+    if mode and _norm_fits(x) and _chosen(mode, "rms_norm", x, measured.norm_class(x.shape[-1])):
         return fused.RMSNormFunction.apply(x, weight, eps)
     return reference.rms_norm(x, weight, eps)
 
@@ -131,6 +188,9 @@ def causal_attention(
 ) -> torch.Tensor:
     """q: (batch, heads, seq, head_dim); k, v: (batch, kv_heads, seq, head_dim); returns
     (batch, heads, seq, head_dim). Query head h reads key/value head h // (heads // kv_heads)."""
-    if _use_fused(impl, q, k, v) and _attention_fits(q, k, v, dropout_p):
-        return fused.CausalAttentionFunction.apply(q, k, v)
+    mode = _use_fused(impl, q, k, v)
+    if mode and _attention_fits(q, k, v, dropout_p):
+        shape = measured.attention_class(q.shape[-1], q.shape[1], k.shape[1], q.shape[2])
+        if _chosen(mode, "attention", q, shape):
+            return fused.CausalAttentionFunction.apply(q, k, v)
     return reference.causal_attention(q, k, v, dropout_p)

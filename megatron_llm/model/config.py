@@ -57,7 +57,9 @@ class ModelConfig:
     dropout: float = 0.0  # dropout on embeddings and residual branches
     attention_dropout: float = 0.0  # dropout on attention probabilities
     init_std: float = 0.02  # std of normal init; output projections are scaled by 1/sqrt(2L)
-    kernels: Literal["auto", "torch"] = "auto"  # csrc/ fused kernels when built (auto) or PyTorch
+    # csrc/ kernels: auto (where measured faster, megatron_llm/kernels/measured.py), ours
+    # (wherever they fit), torch (never)
+    kernels: Literal["auto", "ours", "torch"] = "auto"
 
     def __post_init__(self) -> None:
         for name, value in _STYLE_DEFAULTS[self.style].items():
@@ -95,10 +97,10 @@ class ModelConfig:
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"model.{name}={getattr(self, name)}: must be in [0, 1)")
-        if self.kernels not in ("auto", "torch"):
+        if self.kernels not in ("auto", "ours", "torch"):
             raise ValueError(
-                f"model.kernels={self.kernels!r}: must be 'auto' (fused CUDA kernels where they "
-                "apply) or 'torch' (always the PyTorch path)"
+                f"model.kernels={self.kernels!r}: must be 'auto' (our CUDA kernels where measured "
+                "faster), 'ours' (wherever they fit) or 'torch' (always torch's path)"
             )
         if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
             raise ValueError("model.norm_eps, model.init_std and model.rope_theta must be > 0")
