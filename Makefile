@@ -18,7 +18,15 @@ $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e '.[test]'
+	@# With a CUDA torch, setup.py builds csrc/ against it, which pip's build isolation would hide
+	@# (the kernels would then silently not build); a CPU torch has nothing to build against.
+	if $(BIN)/python -c 'import sys, torch; sys.exit(torch.version.cuda is None)'; then \
+		$(BIN)/python -m pip install -q "setuptools>=68" wheel && \
+		$(BIN)/python -m pip install -q --no-build-isolation -e '.[test]' && \
+		$(BIN)/python -c 'from megatron_llm import kernels; print("kernels:", kernels.status())'; \
+	else \
+		$(BIN)/python -m pip install -q -e '.[test]'; \
+	fi
 	touch $@
 
 setup: $(STAMP)

@@ -4,6 +4,9 @@
 # adds, warnings as errors; and bindings.cpp
 # against the headers of the torch that PYTHON imports (a CPU wheel will do). Objects go to a
 # temporary directory and are deleted. Fails if nvcc is missing: set NVCC=/path/to/nvcc.
+# The language standard is C++17 (CSRC_STD overrides, e.g. CSRC_STD=c++20): setup.py allows
+# torch from 2.5, whose extension builds pass -std=c++17; newer torch passes c++20, which
+# accepts what compiles here.
 #
 # usage: csrc/check_compile.sh [PYTHON]     PYTHON defaults to .venv/bin/python, then python3
 set -euo pipefail
@@ -27,10 +30,11 @@ trap 'rm -rf "$out"' EXIT
 # As torch.utils.cpp_extension compiles .cu files, so that what passes here builds there.
 torch_flags=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
     -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr)
-cu_flags=(-std=c++20 -O3 --Werror all-warnings "${torch_flags[@]}"
+std="${CSRC_STD:-c++17}"
+cu_flags=(-std="$std" -O3 --Werror all-warnings "${torch_flags[@]}"
     -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90)
 
-echo "csrc: $("$nvcc" --version | tail -1)"
+echo "csrc: $("$nvcc" --version | tail -1), -std=$std"
 start=$SECONDS
 pids=()
 names=()
@@ -50,7 +54,7 @@ if torch_include="$("$python" -c 'import os, torch; print(os.path.join(os.path.d
         printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' \
             >"$out/stub/c10/cuda/impl/cuda_cmake_macros.h"
     fi
-    "$nvcc" -std=c++20 -O0 -Xcompiler -Wall,-Werror -DTORCH_EXTENSION_NAME=megatron_llm_kernels \
+    "$nvcc" -std="$std" -O0 -Xcompiler -Wall,-Werror -DTORCH_EXTENSION_NAME=megatron_llm_kernels \
         -I"$out/stub" -isystem "$torch_include" -isystem "$torch_include/torch/csrc/api/include" \
         -isystem "$py_include" -c "$here/bindings.cpp" -o "$out/bindings.o" \
         >"$out/bindings.cpp.log" 2>&1 &

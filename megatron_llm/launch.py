@@ -5,9 +5,11 @@
 1. No launcher started this process (``bash launch/pretrain.sh ...``): start the deepspeed
    launcher on this script and stay its parent, so that SIGTERM/SIGUSR1/SIGINT sent to us make
    every rank save a checkpoint and exit 0 (megatron_llm/cluster/supervise.py). On a GPU
-   machine it uses every visible GPU; on a CPU-only machine it starts tp x pp x dp ranks from
-   the config (DeepSpeed would otherwise start one). With ``--hostfile`` this is one node of a
-   multi-node job (below), even if an MPI or Slurm step set rank variables.
+   machine it uses every visible GPU when ``parallel.dp`` is auto (dp = GPUs / (tp x pp)), else
+   exactly tp x pp x dp of them; on a CPU-only machine it starts tp x pp x dp ranks from the
+   config, with ``parallel.dp_on_cpu`` for an auto dp (DeepSpeed would otherwise start one).
+   With ``--hostfile`` this is one node of a multi-node job (below), even if an MPI or Slurm
+   step set rank variables.
 2. The deepspeed launcher started this process on a CPU-only machine with fewer ranks than the
    config needs (plain ``deepspeed launch/pretrain.sh`` starts one CPU rank): start the launcher
    again with the right count, once.
@@ -86,8 +88,32 @@ def cpu_only() -> bool:
 
 
 def ranks_needed(argv: list[str]) -> int:
+    """Ranks the config needs on a CPU-only machine (dp_on_cpu when dp is auto)."""
     config, overrides = split_args(argv)
-    return load_config(config, overrides).parallel.world_size(default_dp=1)
+    return load_config(config, overrides).parallel.cpu_world_size()
+
+
+def gpu_ranks(argv: list[str], gpus: int) -> int | None:
+    """Ranks to start on a machine with ``gpus`` GPUs: None (every GPU) when dp is auto, so that
+    dp adapts to the machine; exactly tp x pp x dp when the config fixes dp."""
+    config, overrides = split_args(argv)
+    parallel = load_config(config, overrides).parallel
+    if parallel.dp is None:
+        return None
+    needed = parallel.world_size()
+    if needed > gpus:
+        raise ConfigError(
+            f"parallel: tp ({parallel.tp}) x pp ({parallel.pp}) x dp ({parallel.dp}) = {needed} "
+            f"ranks, but this machine has {gpus} GPU(s); set parallel.dp=auto to use every GPU, "
+            "or lower parallel.tp / parallel.pp / parallel.dp"
+        )
+    return needed
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def free_port() -> int:
@@ -170,8 +196,11 @@ def main(argv: list[str], script: str) -> int:
             why = f"starting the deepspeed launcher for one node of {opts.hostfile}"
             return run_launcher(script, argv, None, why, opts)
         if not is_rank:
-            ranks = needed if cpu_only() else None
-            where = f"{needed} CPU ranks" if ranks else "every visible GPU"
+            if cpu_only():
+                ranks, where = needed, f"{needed} CPU ranks"
+            else:
+                ranks = gpu_ranks(argv, visible_gpus())
+                where = f"{ranks} GPUs" if ranks else "every visible GPU (parallel.dp=auto)"
             why = f"starting the deepspeed launcher on {where}"
             return run_launcher(script, argv, ranks, why, opts)
     except ConfigError as e:

@@ -3,10 +3,14 @@ the groups' timeouts, fp32 gradient accumulation in bf16, the MFU peak table."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
+from megatron_llm import launch
+from megatron_llm.config import ConfigError, load_config
 from megatron_llm.training.health import peak_tflops_for
 from tests.distributed import run_on_ranks
 
@@ -102,3 +106,25 @@ def test_rank_device_groups_timeout_and_fp32_accumulation_in_bf16() -> None:
             # ZeRO 1's bf16 optimizer hands the fp32 sum back rounded to bf16; 2 and 3 exactly.
             expected = exact if zero > 1 else torch.tensor(exact).bfloat16().item()
             assert r[f"zero{zero}"] == expected != bf16_sum, (zero, r)
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["default", "gpt_125m", "llama_1b"])
+def test_shipped_configs_use_every_gpu_present(name: str) -> None:
+    config = str(CONFIGS / f"{name}.yaml")
+    parallel = load_config(config).parallel
+    for gpus in (1, 2, 8):
+        assert launch.gpu_ranks([config], gpus) is None  # the launcher starts every GPU ...
+        assert parallel.resolve_dp(gpus) == gpus  # ... and dp takes them all (tp = pp = 1)
+    # Without a GPU, launch starts tp x pp x dp_on_cpu ranks: 2 for the embedded default run.
+    assert launch.ranks_needed([config]) == (2 if name == "default" else 1)
+
+
+def test_a_fixed_dp_starts_exactly_its_ranks_or_says_why() -> None:
+    config = str(CONFIGS / "default.yaml")
+    assert launch.gpu_ranks([config, "parallel.dp=2"], 8) == 2
+    with pytest.raises(ConfigError, match=r"= 4 ranks, but this machine has 2 GPU\(s\)"):
+        launch.gpu_ranks([config, "parallel.dp=2", "parallel.tp=2"], 2)
+    assert load_config(config, ["parallel.dp=auto"]).parallel.dp is None

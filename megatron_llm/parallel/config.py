@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -11,7 +12,9 @@ class ParallelConfig:
     pp: int = 1  # pipeline-parallel size (stages)
     pipeline_partition: str = "parameters"  # blocks to stages: "parameters" (balanced) or "uniform"
     pipeline_split: list[int] | None = None  # explicit blocks per stage, e.g. [3, 5]; overrides it
-    dp: int | None = None  # data-parallel size; null = world size / (tp * pp)
+    # data-parallel size; auto (or null) = world size / (tp * pp): every GPU present takes part
+    dp: int | Literal["auto"] | None = None
+    dp_on_cpu: int = 1  # dp when dp is auto and the machine has no GPU: launch starts tp*pp*this
     sequence_parallel: bool = False  # shard norms/dropout along the sequence (needs tp > 1)
     zero_stage: int = 0  # DeepSpeed ZeRO stage: 0 off, 1 optimizer, 2 +gradients, 3 +parameters
     timeout_minutes: float = 10.0  # collective timeout: a rank that hangs ends the job after this
@@ -31,8 +34,12 @@ class ParallelConfig:
                 f"parallel.pipeline_split={self.pipeline_split}: expected one block count per "
                 f"stage (parallel.pp={self.pp})"
             )
+        if self.dp == "auto":
+            self.dp = None  # one spelling inside the program: None means derived
         if self.dp is not None and self.dp < 1:
-            raise ValueError(f"parallel.dp={self.dp}: must be >= 1, or null to derive it")
+            raise ValueError(f"parallel.dp={self.dp}: must be >= 1, or auto to derive it")
+        if self.dp_on_cpu < 1:
+            raise ValueError(f"parallel.dp_on_cpu={self.dp_on_cpu}: must be >= 1")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"parallel.zero_stage={self.zero_stage}: must be 0, 1, 2 or 3")
         if self.sequence_parallel and self.tp == 1:
@@ -46,8 +53,12 @@ class ParallelConfig:
             )
 
     def world_size(self, default_dp: int = 1) -> int:
-        """Ranks this layout needs; dp=null counts as default_dp."""
+        """Ranks this layout needs; dp=auto counts as default_dp."""
         return self.tp * self.pp * (self.dp if self.dp is not None else default_dp)
+
+    def cpu_world_size(self) -> int:
+        """Ranks to start on a machine without GPUs (launch.py): dp, or dp_on_cpu when auto."""
+        return self.world_size(default_dp=self.dp_on_cpu)
 
     def resolve_dp(self, world_size: int) -> int:
         """The data-parallel size for world_size ranks, or a ValueError naming every factor."""
