@@ -132,6 +132,8 @@ def test_search_ranks_narayanan_layouts_near_the_top(p):
     theirs = next(e for e in found if (e.layout.tp, e.layout.pp, e.layout.dp) == p_layout(p))
     assert theirs.fits and found[0].fits
     assert found[0].time.tokens_s <= 1.10 * theirs.time.tokens_s, (found[0].layout, theirs.layout)
+    fitting = [e.time.tokens_s for e in found if e.fits]
+    assert fitting == sorted(fitting, reverse=True)  # fastest first among those that fit
 
 
 def p_layout(p):
