@@ -119,16 +119,17 @@ def test_zero3_slower_than_tensor_and_pipeline_parallelism_as_measured():
         assert predicted == sorted(predicted, reverse=True)
 
 
+@pytest.mark.parametrize("attention", ["math", "flash"])
 @pytest.mark.parametrize("p", NARAYANAN_TABLE_1, ids=lambda p: p.name)
-def test_search_ranks_narayanan_layouts_near_the_top(p):
+def test_search_ranks_narayanan_layouts_near_the_top(p, attention):
     """Their (tp, pp, dp) is our first choice or within 10% of its predicted throughput. Their
-    2021 attention stored the s x s scores (no flash attention): attention='math'."""
+    2021 attention stored the s x s scores (attention='math'); with flash attention too."""
     cfg = types.SimpleNamespace(
         model=p.model(),
         train=types.SimpleNamespace(precision="bf16"),
         parallel=types.SimpleNamespace(sequence_parallel=False),
     )
-    found = search.plan(cfg, VOCAB, p.gpus, 8, p.batch, 0.9 * 80 * GB, A100, "math")
+    found = search.plan(cfg, VOCAB, p.gpus, 8, p.batch, 0.9 * 80 * GB, A100, attention)
     theirs = next(e for e in found if (e.layout.tp, e.layout.pp, e.layout.dp) == p_layout(p))
     assert theirs.fits and found[0].fits
     assert found[0].time.tokens_s <= 1.10 * theirs.time.tokens_s, (found[0].layout, theirs.layout)
