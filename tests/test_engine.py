@@ -21,7 +21,7 @@ GLOBAL_BATCH = 4
 def synthetic_losses(overrides: list[str], with_norms: bool = False) -> list:
     """Train on a fixed token stream; each rank reads its own slice of every global batch."""
     from megatron_llm.config import load_config
-    from megatron_llm.model import GPT
+    from megatron_llm.parallel.build import build_model
     from megatron_llm.parallel.engine import build_engine
     from megatron_llm.parallel.groups import build_context, mean_over_dp
     from megatron_llm.training.loop import train_step
@@ -30,7 +30,7 @@ def synthetic_losses(overrides: list[str], with_norms: bool = False) -> list:
     cfg = load_config(None, TINY + overrides)
     ctx = build_context(cfg.parallel)
     seed_everything(cfg.train.seed)
-    engine = build_engine(GPT(cfg.model, 64), cfg, ctx)
+    engine = build_engine(build_model(cfg, ctx, 64).module, cfg, ctx)
     # Two global batches, alternating: learnable (memorised) in a few steps, yet each step
     # still differs from the last.
     gen = torch.Generator().manual_seed(0)

@@ -56,7 +56,7 @@ def train_step(
         # them to its device); the loss comes back averaged over micro-batches and data-parallel
         # ranks, on every stage.
         loss = engine.train_batch(input_label_pairs(batches))
-        norm = engine.get_global_grad_norm()
+        norm = engine.get_global_grad_norm()  # float() below: a host sync when it is a tensor
         return loss.detach().float(), None if norm is None else float(norm)
     device = engine_device(engine)
     total = torch.zeros((), dtype=torch.float32, device=device)
@@ -70,7 +70,7 @@ def train_step(
             measured = local_grad_norm(engine, tp_group)  # before step() clips and clears them
         engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         total += loss.detach().float()
-    norm = engine.get_global_grad_norm()
+    norm = engine.get_global_grad_norm()  # float() below: a host sync when it is a tensor
     return total / accum, measured if norm is None else float(norm)
 
 
