@@ -240,6 +240,40 @@ def test_dataset_index_cache_payload_is_refused_and_rebuilt(
         np.load(path, allow_pickle=False)  # rebuilt as plain integers
 
 
+def test_shard_manifest_payload_is_refused(
+    tmp_path: Path, email_shard: Shard, bpe_model: Path
+) -> None:
+    from megatron_llm.data.config import DataConfig
+    from megatron_llm.data.dataset import build_datasets
+    from megatron_llm.data.tokenizer import Tokenizer
+
+    source = Path(email_shard.prefix)
+    prefix = tmp_path / source.name
+    for suffix in (".bin", ".idx"):
+        shutil.copyfile(f"{source}{suffix}", f"{prefix}{suffix}")
+    marker = tmp_path / "marker"
+    # Both places a shard's manifest is looked for: beside it, and under manifests/.
+    (tmp_path / "manifests").mkdir()
+    for path in (
+        Path(f"{prefix}.manifest.json"),
+        tmp_path / f"manifests/{prefix.name}.manifest.json",
+    ):
+        path.write_bytes(pickled(marker))
+    cfg = DataConfig(prefixes=[str(prefix)])
+    cfg.cache_dir = str(tmp_path / "cache")
+    with pytest.raises(ValueError, match="manifest.json") as refused:
+        build_datasets(
+            cfg,
+            seq_length=16,
+            seed=3,
+            train_samples=8,
+            valid_samples=0,
+            tokenizer=Tokenizer(bpe_model),
+        )
+    assert "JSON" in str(refused.value)
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("name", ["tokenizer.model", "tokenizer.json"])
 def test_tokenizer_file_payload_is_refused(tmp_path: Path, name: str) -> None:
     from megatron_llm.data.tokenizer import Tokenizer, TokenizerError
@@ -250,6 +284,22 @@ def test_tokenizer_file_payload_is_refused(tmp_path: Path, name: str) -> None:
     with pytest.raises(TokenizerError, match=name):
         Tokenizer(path)
     assert not marker.exists()
+
+
+def test_import_hf_refuses_pickled_weights(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import transformers
+
+    from megatron_llm.checkpoint.__main__ import main as checkpoint_cli
+
+    hf_dir = tmp_path / "hf"
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    config.save_pretrained(hf_dir)
+    marker = tmp_path / "marker"
+    (hf_dir / "pytorch_model.bin").write_bytes(torch_file(marker))
+    assert checkpoint_cli(["import-hf", str(hf_dir), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "pytorch_model.bin" in err and "safetensors" in err, err
+    assert not marker.exists() and not (tmp_path / "out").exists()
 
 
 UNPICKLERS = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib", "marshal", "shelve"}

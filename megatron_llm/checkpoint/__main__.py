@@ -144,7 +144,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     if not raw["data"]["tokenizer"] and (hf_dir / "tokenizer.json").is_file():
         raw["data"]["tokenizer"] = str(hf_dir.resolve() / "tokenizer.json")
     cfg = from_dict(raw, source=f"{hf_dir} + {args.config or 'defaults'}")
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    _require_safetensors(hf_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        hf_dir, dtype=torch.float32, use_safetensors=True
+    )
     state = model.state_dict()
     weights = hf_names.from_hf(cfg.model, state)
     hf.check_all_converted(state, weights, bool(hf_cfg.tie_word_embeddings))
@@ -161,6 +164,16 @@ def cmd_import(args: argparse.Namespace) -> int:
     path = write_weights_only(Path(args.out), weights, cfg.to_dict())
     print(f"imported {hf_dir} into {path}; train from it with checkpoint.resume={path}")
     return 0
+
+
+def _require_safetensors(hf_dir: Path) -> None:
+    # pytorch_model.bin is a pickle: loading one could run code from whoever made the folder.
+    if not any(hf_dir.glob("*.safetensors")):
+        raise hf.ConversionError(
+            f"{hf_dir}: no *.safetensors weights; pytorch_model.bin files are pickles and are "
+            "never loaded (they could run code). Convert on a machine you trust: "
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir)"
+        )
 
 
 def write_weights_only(root: Path, weights: dict[str, torch.Tensor], config: dict) -> Path:

@@ -46,6 +46,10 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
         return None
     except OSError as e:
         raise ManifestError(f"{path}: cannot read ({e.strerror})") from e
+    except UnicodeDecodeError:  # binary content: never parsed, let alone unpickled
+        raise ManifestError(
+            f"{path}: not valid JSON (not UTF-8 text); re-run preprocess.py"
+        ) from None
     try:
         manifest = json.loads(text)
     except json.JSONDecodeError as e:
