@@ -81,7 +81,7 @@ def row(e: search.Estimate) -> dict[str, Any]:
 
 HEADER = (
     f"{'tp':>3}{'pp':>4}{'dp':>5}{'zero':>5}{'micro':>6}{'accum':>6}{'ckpt':>5}{'params':>8}"
-    f"{'grads':>7}{'optim':>7}{'activ':>7}{'buffer':>7}{'gather':>7}{'total':>7}"
+    f"{'grads':>7}{'optim':>7}{'activ':>7}{'buffer':>7}{'gather':>7}{'bucket':>7}{'total':>7}"
     f"{'step s':>9}{'tokens/s':>11}{'TFLOP/s':>8}{'MFU':>6}  fits"
 )
 
@@ -92,7 +92,7 @@ def line(e: search.Estimate) -> str:
         f"{lay.tp:>3}{lay.pp:>4}{lay.dp:>5}{lay.zero:>5}{lay.micro:>6}{lay.accum:>6}"
         f"{'full' if lay.checkpointing else 'none':>5}{m.params / GB:>8.2f}{m.grads / GB:>7.2f}"
         f"{m.optimizer / GB:>7.2f}{m.activations / GB:>7.2f}{m.buffers / GB:>7.2f}"
-        f"{m.gathered / GB:>7.2f}{m.total / GB:>7.2f}"
+        f"{m.gathered / GB:>7.2f}{m.bucket / GB:>7.2f}{m.total / GB:>7.2f}"
     )
     if t is not None:
         text += f"{t.step_s:>9.3f}{t.tokens_s:>11.4g}{t.tflops:>8.1f}{t.mfu:>6.1%}"

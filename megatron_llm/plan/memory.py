@@ -41,6 +41,10 @@ Pipeline buffers (DeepSpeed PipelineEngine, t > 1 or not): the tensor a stage se
   it over tp). A stage holds, per micro-batch in flight and once more for its persistent
   receive/gradient buffer, the received input (not on the first stage) and its output (not on
   the last): c * (in-flight + 1) * ([not first] + [not last]).
+Reduce bucket: ZeRO 3 reduces gradients through one contiguous bucket of reduce_bucket_size
+  elements (DeepSpeed's default 5e8, contiguous_gradients on), allocated whole when the engine
+  starts (runtime/zero/stage3.py; seen on DeepSpeed 0.19 CPU ranks, where ZeRO 1/2 allocated
+  none): 5e8 * b bytes whatever the model's size.
 ZeRO 3 gathers: DeepSpeed gathers a module's whole parameters (this tp rank's shard) before its
   forward and backward and prefetches the next one, and a module's whole gradients exist until
   they are reduce-scattered: 3 * b * (the largest module: a block or the embedding shard).
@@ -79,12 +83,12 @@ class StageMemory:
     activations: float
     buffers: float = 0.0  # pipeline send/receive buffers
     gathered: float = 0.0  # ZeRO 3's gathered parameters and unreduced gradients
+    bucket: float = 0.0  # ZeRO 3's gradient reduce bucket
 
     @property
     def total(self) -> float:
-        return (
-            self.params + self.grads + self.optimizer + self.activations + self.buffers
-        ) + self.gathered
+        states = self.params + self.grads + self.optimizer
+        return states + self.activations + self.buffers + self.gathered + self.bucket
 
 
 def element_bytes(precision: str) -> int:
@@ -185,3 +189,10 @@ def zero3_gathered_bytes(cfg: ModelConfig, vocab: int, lay: Layout, precision: s
         return 0.0
     largest = max(block_parameters(cfg, lay.tp), embedding_parameters(cfg, vocab, lay.tp))
     return 3 * element_bytes(precision) * largest
+
+
+REDUCE_BUCKET = 5e8  # DeepSpeed's zero_optimization.reduce_bucket_size default, in elements
+
+
+def reduce_bucket_bytes(lay: Layout, precision: str) -> float:
+    return REDUCE_BUCKET * element_bytes(precision) if lay.zero == 3 else 0.0

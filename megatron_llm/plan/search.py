@@ -22,6 +22,7 @@ from megatron_llm.plan.memory import (
     activation_bytes,
     model_state_bytes,
     pipeline_buffer_bytes,
+    reduce_bucket_bytes,
     zero3_gathered_bytes,
 )
 from megatron_llm.plan.params import stage_parameters
@@ -76,6 +77,7 @@ def stage_memory(
         activation_bytes(cfg, rows, lay, precision, sp, stage, attention),
         pipeline_buffer_bytes(cfg, lay, precision, stage),
         zero3_gathered_bytes(cfg, rows, lay, precision),
+        reduce_bucket_bytes(lay, precision),
     )
 
 
