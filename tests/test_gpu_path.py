@@ -13,6 +13,7 @@ from megatron_llm import launch
 from megatron_llm.config import ConfigError, load_config
 from megatron_llm.training.health import peak_tflops_for
 from tests.distributed import run_on_ranks
+from tests.parallel_runs import TINY_MODEL
 
 
 @pytest.mark.parametrize(
@@ -128,3 +129,109 @@ def test_a_fixed_dp_starts_exactly_its_ranks_or_says_why() -> None:
     with pytest.raises(ConfigError, match=r"= 4 ranks, but this machine has 2 GPU\(s\)"):
         launch.gpu_ranks([config, "parallel.dp=2", "parallel.tp=2"], 2)
     assert load_config(config, ["parallel.dp=auto"]).parallel.dp is None
+
+
+# Files whose tensors live on the rank's device during training, evaluation and saving.
+HOT_PATHS = (
+    "training/loop.py",
+    "training/preemption.py",
+    "training/health.py",
+    "eval/perplexity.py",
+    "parallel/",
+    "checkpoint/state.py",
+    "model/gpt.py",
+)
+FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "rand", "randn", "randint")
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "broadcast",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+)
+
+
+def watched_step_eval_save(argv: list[str]) -> dict:
+    """One training step, one evaluation, the stop check and a save, with every tensor factory
+    called from a hot path and every collective watched: a factory without ``device=`` makes a
+    CPU tensor on a GPU rank (NCCL refuses it, a CUDA op refuses to mix it), and every tensor a
+    collective gets must be on the rank's device (ctx.device)."""
+    import sys
+
+    import torch.distributed as dist
+    from torch.overrides import TorchFunctionMode
+
+    from megatron_llm.config import load_config
+    from megatron_llm.parallel.groups import build_context, mean_over_dp
+    from megatron_llm.training import loop
+    from megatron_llm.training.preemption import StopRequest
+    from megatron_llm.training.run import build_run
+
+    cfg = load_config(None, argv)
+    ctx = build_context(cfg.parallel)
+    run = build_run(cfg, ctx)  # construction may use the CPU (the model is filled there)
+    factories = {getattr(torch, name) for name in FACTORIES}
+    undeviced: list[str] = []
+    collectives: set[tuple[str, str]] = set()
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in factories and "device" not in kwargs:
+                caller = sys._getframe(1)
+                where = caller.f_code.co_filename.split("megatron_llm/")[-1]
+                if "megatron_llm/" in caller.f_code.co_filename and where.startswith(HOT_PATHS):
+                    undeviced.append(f"{where}:{caller.f_lineno} torch.{func.__name__}")
+            return func(*args, **kwargs)
+
+    def watched(name: str, real):
+        def collective(*args, **kwargs):
+            for t in [*args, *kwargs.values()]:
+                for x in t if isinstance(t, list) else [t]:
+                    if isinstance(x, torch.Tensor):
+                        collectives.add((name, str(x.device)))
+            return real(*args, **kwargs)
+
+        return collective
+
+    real = {name: getattr(dist, name) for name in COLLECTIVES}
+    for name in COLLECTIVES:
+        setattr(dist, name, watched(name, real[name]))
+    try:
+        with Watch():
+            loss, _ = loop.train_step(
+                run.engine, run.batches(), cfg.train.grad_accum_steps, ctx.tp_group
+            )
+            mean_over_dp(loss, ctx)
+            loop.evaluate(run)
+            StopRequest().reason(1)
+            run.save(1)
+    finally:
+        for name in COLLECTIVES:
+            setattr(dist, name, real[name])
+    return {"device": str(ctx.device), "undeviced": undeviced, "collectives": sorted(collectives)}
+
+
+def test_hot_paths_keep_tensors_on_the_rank_device(tmp_path, email_shard, bpe_model) -> None:
+    # tp=2 and ZeRO 0: the tensor-parallel collectives of the model, the loss and our own
+    # gradient norm run; a save gathers the tp shards. On CPU ranks the rank's device is the CPU,
+    # so what this can catch here is a tensor made without naming its device (it would be a CPU
+    # tensor on a GPU rank) and a collective fed anything but the rank's device.
+    argv = [
+        *TINY_MODEL,
+        f"data.prefixes=[{email_shard.prefix}]",
+        f"data.tokenizer={bpe_model}",
+        "parallel.tp=2",
+        "parallel.zero_stage=0",
+        "train.micro_batch_size=2",
+        "train.grad_accum_steps=2",
+        "eval.iters=1",
+        f"checkpoint.dir={tmp_path / 'checkpoints'}",
+        f"logging.dir={tmp_path}",
+    ]
+    for r in run_on_ranks(2, watched_step_eval_save, argv):
+        assert r["undeviced"] == [], r["undeviced"]
+        ops = {op for op, _ in r["collectives"]}
+        assert {"all_reduce", "all_gather"} <= ops, r["collectives"]  # it watched the real ones
+        assert {device for _, device in r["collectives"]} == {r["device"]}
