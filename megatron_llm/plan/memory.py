@@ -46,8 +46,9 @@ Reduce bucket: ZeRO 3 reduces gradients through one contiguous bucket of reduce_
   starts (runtime/zero/stage3.py; seen on DeepSpeed 0.19 CPU ranks, where ZeRO 1/2 allocated
   none): 5e8 * b bytes whatever the model's size.
 ZeRO 3 gathers: DeepSpeed gathers a module's whole parameters (this tp rank's shard) before its
-  forward and backward and prefetches the next one, and a module's whole gradients exist until
-  they are reduce-scattered: 3 * b * (the largest module: a block or the embedding shard).
+  forward and backward and prefetches up to stage3_prefetch_bucket_size (5e7) elements of the
+  next, and a module's whole gradients exist until they are reduce-scattered; with P the
+  largest module (a block or the embedding shard): b * (2P + min(P, 5e7)).
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ from megatron_llm.model.config import ModelConfig
 from megatron_llm.plan.params import block_parameters, embedding_parameters
 
 Attention = Literal["flash", "math"]
+PREFETCH_BUCKET = 5e7  # DeepSpeed's stage3_prefetch_bucket_size default, in elements
+REDUCE_BUCKET = 5e8  # DeepSpeed's zero_optimization.reduce_bucket_size default, in elements
 
 
 @dataclasses.dataclass
@@ -188,10 +191,7 @@ def zero3_gathered_bytes(cfg: ModelConfig, vocab: int, lay: Layout, precision: s
     if lay.zero != 3:
         return 0.0
     largest = max(block_parameters(cfg, lay.tp), embedding_parameters(cfg, vocab, lay.tp))
-    return 3 * element_bytes(precision) * largest
-
-
-REDUCE_BUCKET = 5e8  # DeepSpeed's zero_optimization.reduce_bucket_size default, in elements
+    return element_bytes(precision) * (2 * largest + min(largest, PREFETCH_BUCKET))
 
 
 def reduce_bucket_bytes(lay: Layout, precision: str) -> float:
