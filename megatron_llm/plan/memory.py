@@ -1,4 +1,4 @@
-"""Bytes per device of one layout: model states, activations, pipeline buffers, ZeRO-3 gathers.
+"""Bytes per device of one layout: model states, activations, pipeline buffers, ZeRO-3 extras.
 
 Notation: s sequence, m micro-batch, h hidden, a heads, t = tp, p = pp, L layers, d = dp,
 b bytes per element (4 fp32, 2 bf16/fp16), N the parameters of a device's stage before ZeRO
@@ -28,8 +28,8 @@ Models", arXiv 2205.05198, section 4), in units of u = s*m*h*b bytes per block a
   paper's 5as/(ht) at b=2.
   Sequence parallelism (t > 1): the norm inputs and dropout masks are sequence shards (/t). Our
   column-parallel layers keep their all-gathered input whole (Megatron-LM re-gathers it in
-  backward instead), so a block keeps 2 + 15/t u against the paper's 34/(2t): 4sbh(1 - 1/t)
-  more, shown separately as ``sp_gathered_units``.
+  backward instead): 2(1 - 1/t) u more than the paper, 4sbh(1 - 1/t) bytes at b=2
+  (``sp_gathered_units``); a GPT block with dropout keeps 2 + 15/t u against the paper's 17/t.
   Full recompute (a checkpoint around every block): each block keeps only its input, u (u/t
   under sequence parallelism: the input is a sequence shard), and only the micro-batch being
   back-propagated recomputes one block's full set: (L/p) u x in-flight + one block.
