@@ -149,3 +149,43 @@ def train_or_refusal(argv: list[str]) -> dict[str, Any]:
         return train_run(argv)
     except CheckpointError as e:
         return {"error": str(e), "type": type(e).__name__}
+
+
+def restored_state_gap(argv: list[str]) -> dict[str, Any]:
+    """Resume from ``checkpoint.resume`` at this argv's layout and compare what the engine holds
+    right after the restore with the checkpoint's tensors, directly: {kind: largest absolute
+    difference} for param, exp_avg and exp_avg_sq, and the names this rank compared."""
+    import torch.distributed as dist
+
+    from megatron_llm.checkpoint import io
+    from megatron_llm.checkpoint.state import gather_state
+    from megatron_llm.config import load_config
+    from megatron_llm.parallel.groups import build_context
+    from megatron_llm.training.run import build_run
+
+    cfg = load_config(None, argv)
+    ctx = build_context(cfg.parallel)
+    run = build_run(cfg, ctx)
+    saved = io.Checkpoint.open(cfg.checkpoint.resume).tensors(optimizer=True)
+    gap = {"param": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}
+    names = []
+    for name, whole in gather_state(run.engine, ctx, names=run.names):
+        names.append(name)
+        for kind, value in whole.items():
+            diff = (value.float() - saved[name][kind].float()).abs().max().item()
+            gap[kind] = max(gap[kind], diff)
+    dist.barrier()
+    return {"gap": gap, "names": names, "saved_names": sorted(saved)}
+
+
+def run_all(items: list[tuple[str, list[str]]]) -> list[dict[str, Any]]:
+    """Runs of several kinds one after the other on the same ranks: ("train", argv),
+    ("restored", argv) for :func:`restored_state_gap`, ("refusal", argv)."""
+    import torch.distributed as dist
+
+    kinds = {"train": train_run, "restored": restored_state_gap, "refusal": train_or_refusal}
+    results = []
+    for kind, argv in items:
+        results.append(kinds[kind](argv))
+        dist.barrier()
+    return results

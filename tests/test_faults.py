@@ -337,33 +337,61 @@ def corrupt_checkpoint(tmp_path_factory, bpe_model) -> Path:
     return root
 
 
+def _reader(name: str):
+    if name == "eval":
+        from megatron_llm.eval.__main__ import main
+    elif name == "generate":
+        from megatron_llm.generate import main
+    else:
+        from megatron_llm.checkpoint.__main__ import main
+    return main
+
+
 READERS = {
-    "eval": lambda ckpt, shard, out: (
-        ["megatron_llm.eval", ckpt, "--data-prefix", shard] + ["--max-samples", "2"]
-    ),
-    "generate": lambda ckpt, shard, out: (
-        ["megatron_llm.generate", ckpt, "--prompt", "def f("] + ["--max-new-tokens", "2"]
-    ),
-    "export-hf": lambda ckpt, shard, out: ["megatron_llm.checkpoint", "export-hf", ckpt, out],
+    "eval": lambda ckpt, shard, out: [ckpt, "--data-prefix", shard, "--max-samples", "2"],
+    "generate": lambda ckpt, shard, out: [ckpt, "--prompt", "def f(", "--max-new-tokens", "2"],
+    "export-hf": lambda ckpt, shard, out: ["export-hf", ckpt, out],
 }
 
 
 @pytest.mark.parametrize("reader", list(READERS))
 def test_readers_refuse_a_corrupt_checkpoint_in_one_line(
-    reader, corrupt_checkpoint, small_shard, tmp_path
+    reader, corrupt_checkpoint, small_shard, tmp_path, capsys
 ):
-    import sys
-
+    main = _reader(reader)
     args = READERS[reader](str(corrupt_checkpoint), small_shard.prefix, str(tmp_path / "hf"))
-    cmd = [sys.executable, "-m", *args]
-    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert refused.returncode != 0
-    lines = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, refused.stderr
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
     assert "global_step0 failed verification: " in lines[0]
     assert "model-00000.pt: sha256 differs from the manifest (corrupted)" in lines[0]
     assert not (tmp_path / "hf").exists()
-    forced = subprocess.run(
-        [*cmd, "--no-verify-checkpoint"], capture_output=True, text=True, timeout=300
-    )
-    assert forced.returncode == 0, forced.stderr  # for people who know what they are doing
+    # For people who know what they are doing:
+    assert main([*args, "--no-verify-checkpoint"]) == 0, capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# The one atomic writer (megatron_llm/atomic.py) on a full file system.
+
+
+def test_the_atomic_writer_on_a_full_disk_keeps_the_old_file_and_no_temporary(tmp_path):
+    from megatron_llm.atomic import WriteFailed, open_atomic, write_atomic
+
+    full = tmp_path / "full"
+    _mount_tmpfs(full, "64k")
+    try:
+        write_atomic(full / "manifest.json", "old\n")
+        with pytest.raises(WriteFailed) as e:
+            write_atomic(full / "manifest.json", b"x" * (1 << 20))
+        message = str(e.value)
+        assert message.startswith(f"{full}/manifest.json: cannot write (ENOSPC: ")
+        assert "\n" not in message
+        with pytest.raises(FileNotFoundError):  # the caller's own error passes through as is
+            with open_atomic(full / "manifest.json", "w") as f:
+                f.write("half")
+                open(full / "missing")  # noqa: SIM115
+        assert sorted(p.name for p in full.iterdir()) == ["manifest.json"]
+        assert (full / "manifest.json").read_text() == "old\n"
+    finally:
+        subprocess.run(["umount", "-l", str(full)], check=False)
