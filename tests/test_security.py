@@ -180,6 +180,55 @@ def test_planted_checkpoint_files_are_refused_on_resume(
     assert not list(tmp_path.glob("marker-*"))
 
 
+def _leaves(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _leaves(v)]
+    if isinstance(value, list | tuple):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value]
+
+
+def _draws(model: torch.nn.Module) -> list[Any]:
+    import random
+
+    with model.tp_rng.fork():
+        fork = torch.rand(3).tolist()
+    cuda = torch.rand(3, device="cuda").tolist() if torch.cuda.is_available() else None
+    return [random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist(), fork, cuda]
+
+
+def test_random_states_are_plain_data_and_restore_every_stream(tmp_path: Path) -> None:
+    import random
+
+    from megatron_llm.checkpoint import rng
+    from megatron_llm.parallel.random import TensorParallelRNG
+
+    model = torch.nn.Linear(2, 2)
+    model.tp_rng = TensorParallelRNG(11)
+    torch.save(rng.capture(model), tmp_path / "rng.pt")
+    expected = _draws(model)
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    model.tp_rng = TensorParallelRNG(12)
+    state = io.load_tensors(tmp_path / "rng.pt")  # weights_only=True, nothing allowlisted
+    plain = (torch.Tensor, int, float, str, type(None))
+    assert all(isinstance(leaf, plain) for leaf in _leaves(state))
+    rng.restore(model, state)
+    assert _draws(model) == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_random_states_hold_only_this_ranks_cuda_generator() -> None:
+    from megatron_llm.checkpoint import rng
+
+    # Issue 21 item 7: a rank resumed on a node that sees fewer GPUs must still load it.
+    state = rng.capture(torch.nn.Linear(2, 2))
+    assert isinstance(state["cuda"], torch.Tensor)
+    assert torch.equal(state["cuda"], torch.cuda.get_rng_state(torch.cuda.current_device()))
+
+
 @pytest.fixture()
 def weights_only_checkpoint(tmp_path: Path, bpe_model: Path) -> Path:
     from megatron_llm.checkpoint.__main__ import write_weights_only
