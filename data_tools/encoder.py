@@ -116,20 +116,19 @@ class Encoder:
                 yield chunk, encode_chunk(self.tokenizer, chunk.pieces, *self.args)
             return
         pending: deque[tuple[Chunk, Future[Encoded]]] = deque()
-        for chunk in chunks:
-            pending.append((chunk, self.pool.submit(_encode_in_worker, chunk.pieces, *self.args)))
-            # The executor starts workers as tasks arrive; remember them to name a dead one.
-            self.processes.update(getattr(self.pool, "_processes", None) or {})
-            if len(pending) >= 2 * self.workers:
-                yield self._next(pending)
-        while pending:
-            yield self._next(pending)
-
-    def _next(self, pending: deque[tuple[Chunk, Future[Encoded]]]) -> tuple[Chunk, Encoded]:
-        chunk, future = pending.popleft()
         try:
-            return chunk, future.result()
-        except BrokenProcessPool as e:
+            for chunk in chunks:
+                task = self.pool.submit(_encode_in_worker, chunk.pieces, *self.args)
+                pending.append((chunk, task))
+                # The executor starts workers as tasks arrive; remember them to name a dead one.
+                self.processes.update(getattr(self.pool, "_processes", None) or {})
+                if len(pending) >= 2 * self.workers:
+                    done, future = pending.popleft()
+                    yield done, future.result()
+            while pending:
+                done, future = pending.popleft()
+                yield done, future.result()
+        except BrokenProcessPool as e:  # from submit() or result(), whichever sees it first
             raise WorkerDied(self._death()) from e
 
     def _death(self) -> str:

@@ -7,7 +7,8 @@ Formats, picked by file name:
 Compressed files are decompressed as a stream (.gz through zlib, .zst through the ``zstandard``
 package; gzip members and zstd frames read one after another, as ``pigz``, ``zstd`` and ``pzstd``
 write them); nothing is unpacked to disk. A truncated or corrupt stream raises CorruptInput
-naming the file and the compressed offset (never a silent early end).
+naming the file and the compressed offset (never a silent early end). One cut cannot be seen:
+a file of several frames (pzstd, pigz) cut exactly at a frame boundary is a valid, shorter file.
 
 Reading comes in two halves, so that the costly one can run in worker processes:
 
@@ -154,6 +155,7 @@ class CorruptInput(Exception):
     def __init__(self, path: Path, offset: int, delivered: int, why: str) -> None:
         self.path, self.offset, self.delivered, self.why = path, offset, delivered, why
         self.lost = max(path.stat().st_size - offset, 0)  # compressed bytes never decoded
+        self.kept = 0  # text bytes before the damage that were read (set by read_pieces)
         super().__init__(
             f"{path}: {why} at compressed byte {offset} of {path.stat().st_size} (after "
             f"{delivered} bytes of text); re-fetch or re-compress the file, or pass "
@@ -184,6 +186,7 @@ class _Decompressed(io.RawIOBase):
         self.offset = 0  # compressed bytes consumed whole
         self.delivered = 0
         self.pending = b""
+        self.failed: CorruptInput | None = None
 
     def _new_decoder(self) -> Any:
         if self.zstd:
@@ -196,13 +199,24 @@ class _Decompressed(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
+        # An error first reads as the end of the stream, and is raised at the next read: a
+        # BufferedReader drops the bytes it gathered for a read that raises, i.e. up to a whole
+        # buffer of good text before the damage.
+        if self.failed is not None:
+            raise self.failed
         while not self.pending:
             block = self.file.read(self.FEED)
             if not block:
                 if self.fed:
-                    raise self._corrupt("the stream ends inside a compressed frame (truncated)")
+                    self.failed = self._corrupt(
+                        "the stream ends inside a compressed frame (truncated)"
+                    )
                 return 0
-            self.pending = self._decode(block)
+            try:
+                self.pending = self._decode(block)
+            except CorruptInput as e:
+                self.failed = e
+                return 0
             self.offset += len(block)
         n = min(len(buffer), len(self.pending))
         buffer[:n] = self.pending[:n]
@@ -258,12 +272,16 @@ def read_pieces(
     compressed stream raises CorruptInput, or, given on_corrupt, is reported to it and the
     file ends at its last whole line before the damage.
     """
+    kept = start.offset
     with open_binary(path) as stream:
         try:
-            yield from _pieces(path, stream, start, txt_doc_per_file, max_doc_bytes, piece_bytes)
+            for piece in _pieces(path, stream, start, txt_doc_per_file, max_doc_bytes, piece_bytes):
+                yield piece
+                kept = piece.end.offset
         except CorruptInput as e:
             if on_corrupt is None:
                 raise
+            e.kept = kept
             on_corrupt(e)
 
 
@@ -278,7 +296,9 @@ def _pieces(
     _skip(stream, start.offset)
     if txt_doc_per_file and not is_json(path):
         if start == Position():  # else the file's one document was done
-            yield _whole_file(str(path), stream, max_doc_bytes)
+            piece = _whole_file(str(path), stream, max_doc_bytes)
+            stream.read(1)  # raises a compressed stream's error, deferred to the next read
+            yield piece
         return
     kind = "json" if is_json(path) else "text"
     line, offset = start.line, start.offset
@@ -305,6 +325,7 @@ def _pieces(
             line, offset = end.line, end.offset
             parts, pending = [], 0
         block = block or stream.read(piece_bytes)
+    stream.read(1)  # at the end: raises a compressed stream's error, deferred to this read
     if pending:  # a last line without "\n"
         data = b"".join(parts)
         yield Piece(str(path), kind, line, data, len(data), Position(offset + len(data), line + 1))

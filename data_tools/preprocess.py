@@ -184,12 +184,24 @@ def all_pieces(job: Job, start: tuple[int, Position]) -> Iterator[tuple[int, Pie
 
 
 def note_lost(job: Job, e: CorruptInput) -> None:
-    print(
-        f"LOST INPUT: {e.path}: {e.why} at compressed byte {e.offset}: its last {e.lost} "
-        "compressed bytes are skipped (--on-error skip)",
-        file=sys.stderr,
+    lost = {
+        "file": str(e.path),
+        "offset": e.offset,
+        "lost_bytes": e.lost,
+        "text_kept": e.kept,
+        "text_dropped": e.delivered - e.kept,
+        "why": e.why,
+    }
+    print(f"LOST INPUT: {lost_line(lost)} (--on-error skip)", file=sys.stderr)
+    job.lost.append(lost)
+
+
+def lost_line(lost: dict[str, Any]) -> str:
+    return (
+        f"{lost['file']}: {lost['why']} at compressed byte {lost['offset']}: kept its text up "
+        f"to byte {lost['text_kept']}; lost {lost['lost_bytes']} compressed bytes after the "
+        f"damage and {lost['text_dropped']} decoded bytes of a partial line"
     )
-    job.lost.append({"file": str(e.path), "offset": e.offset, "lost_bytes": e.lost, "why": e.why})
 
 
 def shard_cut(piece: Piece, need: int) -> int:
@@ -479,12 +491,8 @@ def report(job: Job, result: dict[str, Any], resumed: int) -> None:
             f"wrote {where}: {out['documents']:_} documents, {out['tokens']:_} tokens; "
             f"skipped: {skipped}"
         )
-    for lost in job.lost:
-        print(
-            f"LOST INPUT: {lost['file']}: {lost['lost_bytes']} compressed bytes after byte "
-            f"{lost['offset']} ({lost['why']})",
-            file=sys.stderr,
-        )
+    for lost in job.lost:  # again at the end, where it is seen
+        print(f"LOST INPUT: {lost_line(lost)}", file=sys.stderr)
     docs = sum(o["documents"] for o in result["outputs"])
     print(
         f"{result['bytes'] / 1e6:.1f} MB in {seconds:.1f}s with {job.workers} worker(s): "

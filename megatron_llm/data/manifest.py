@@ -68,7 +68,7 @@ def shard_prefixes(path: Path, manifest: dict[str, Any]) -> list[Path]:
 
 def resolve_shard(path: Path, stored: str) -> Path:
     if path.parent.name == MANIFEST_DIR:
-        return Path(path.parent, stored)  # "../NAME_00000", relative to the manifest
+        return Path(os.path.normpath(path.parent / stored))  # "../NAME_00000": from the manifest
     # An older manifest beside its shards stored the prefix as given to preprocess.py (relative
     # to that run's working directory): only the name still points at the right files.
     return path.parent / Path(stored).name
@@ -106,6 +106,6 @@ def find_manifest(prefix: str | Path) -> Vouched | None:
             for entry, listed in zip(manifest.get("shards", []), shard_prefixes(path, manifest)):
                 if listed.resolve() == target:
                     return Vouched(path, manifest, entry)
-            if name == prefix.name:
-                return Vouched(path, manifest, None)
+            if name == prefix.name or manifest.get("settings", {}).get("shard_size"):
+                return Vouched(path, manifest, None)  # its output, but not a shard it lists
     return None
