@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 import yaml
 
+from megatron_llm.atomic import WriteFailed, publish_dir, staging_dir
 from megatron_llm.checkpoint import hf, io
 from megatron_llm.config import ConfigError, from_dict, load_config
 from megatron_llm.config import _apply_override as apply_override
@@ -85,9 +85,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     rows = weights["embed.weight"].shape[0]
     vocab = hf.export_vocab_size(cfg.model, rows, tokenizer.vocab_size if tokenizer else None)
     out = Path(args.out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(out)  # the folder appears whole, or not at all
     # The tokenizer first: a tokenizer that cannot be expressed stops the export early.
     ids = write_tokenizer(tokenizer, tmp, cfg.model.seq_length) if tokenizer else {}
     config = hf.hf_config(cfg.model, vocab, ids)
@@ -108,9 +106,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
         + "\n"
     )
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    publish_dir(tmp, out)
     trimmed = f", vocabulary trimmed from {rows} to {vocab} rows" if vocab < rows else ""
     print(f"exported {ckpt.path} (step {ckpt.step}) to {out} as {cls.__name__}{trimmed}")
     return 0
@@ -238,7 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return args.fn(args)
-    except (io.CheckpointError, hf.ConversionError, ConfigError, TokenizerError, OSError) as e:
+    except (
+        io.CheckpointError,
+        hf.ConversionError,
+        ConfigError,
+        TokenizerError,
+        WriteFailed,
+        OSError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ImportError as e:

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_llm import kernels
 from megatron_llm.model.config import ModelConfig
+from megatron_llm.model.rope import inverse_frequencies
 
 
 class Norm(nn.Module):
@@ -110,9 +111,7 @@ class Rotary(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        inv_freq = 1.0 / cfg.rope_theta ** (
-            torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim
-        )
+        inv_freq = inverse_frequencies(cfg)  # (head_dim / 2,), llama3-scaled when configured
         angles = torch.outer(torch.arange(cfg.seq_length, dtype=torch.float64), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)  # (seq, head_dim)
         # Not saved in checkpoints: derived from the config.
