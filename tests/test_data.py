@@ -187,7 +187,7 @@ BAD_LINES = [
     b'{"body": "no text field"}',  # 3: missing key
     b'{"text": 42}',  # 4: non-string value
     b'{"text": "caf\xe9"}',  # 5: invalid UTF-8 (latin-1 byte)
-    b'{"text": "   \\n"}',  # 6: empty document
+    b'{"text": "   \\n"}',  # 6: whitespace, kept (as Megatron-LM's tool does)
     b'{"text": "\\ud800 lone surrogate"}',  # 7: not encodable
     b'{"text": "x = 2\\n"}',
 ]
@@ -206,14 +206,13 @@ def test_bad_documents_are_counted_reported_and_skipped(
     assert f"{bad}:5: invalid UTF-8" in err
     manifest = output_manifest(tmp_path / "out_text_document")
     assert manifest["skipped"] == {
-        "empty document": 1,
         "invalid UTF-8": 2,
         "malformed JSON": 1,
         "missing key": 1,
         "non-string value": 1,
     }
     tok = Tokenizer(bpe_model)
-    good = ["def good():\n    return 1\n", "x = 2\n"]
+    good = ["def good():\n    return 1\n", "   \n", "x = 2\n"]
     assert shard_tokens(tmp_path / "out_text_document") == expected_tokens(tok, good)
 
 

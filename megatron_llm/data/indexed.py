@@ -19,7 +19,8 @@ P.idx   the index:
                             [bounds[d], bounds[d+1]); bounds[0] = 0, bounds[D-1] = S
 
 Our writer stores one sequence per document (Megatron's tools do the same for GPT data): every
-document's tokens end with the tokenizer's end-of-document id. megatron-core's
+document's tokens end with the tokenizer's end-of-document id; a document without tokens (an
+empty text, as Megatron-LM's tools write it) has no sequence. megatron-core's
 ``IndexedDatasetBuilder``/``IndexedDataset`` write and read the same bytes (without its optional
 multimodal sequence modes), which the tests check in both directions.
 
@@ -106,10 +107,13 @@ class ShardWriter:
     def commit(self) -> None:
         self._guard(f"{self.tmp}.bin", self._close_data)
         lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int32)
+        # A document of no tokens has no sequence (Megatron-LM's tools write it so).
+        bounds = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths > 0, out=bounds[1:])
+        lengths = lengths[lengths > 0]
         pointers = np.zeros(len(lengths), dtype=np.int64)
         np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
         pointers *= self.dtype.itemsize
-        bounds = np.arange(len(lengths) + 1, dtype=np.int64)
         index = b"".join(
             [
                 MAGIC,
