@@ -21,9 +21,9 @@ from types import TracebackType
 import numpy as np
 
 from data_tools.inputs import Parsed, Piece, Position, Problem, parse_piece
-from megatron_llm.data.tokenizer import Tokenizer
+from data_tools.megatron_tokenizers import DocumentTokenizer
 
-_worker_tokenizer: Tokenizer | None = None
+_worker_tokenizer: DocumentTokenizer | None = None
 
 
 @dataclass
@@ -41,9 +41,14 @@ class Encoded:
 
 
 def encode_chunk(
-    tokenizer: Tokenizer, pieces: list[Piece], keys: list[str], max_doc_bytes: int, dtype: type
+    tokenizer: DocumentTokenizer,
+    pieces: list[Piece],
+    keys: list[str],
+    max_doc_bytes: int,
+    dtype: type,
 ) -> Encoded:
-    """Every usable document of the pieces as token ids followed by EOS, per key.
+    """Every usable document of the pieces as its token ids (data_tools/megatron_tokenizers.py:
+    ids then EOS by default), per key.
 
     One array per key and chunk, not per document: it pickles from a worker and writes to disk
     in one call each.
@@ -55,9 +60,9 @@ def encode_chunk(
     return Encoded(tokens, parsed.bad)
 
 
-def _init_worker(model_path: str) -> None:
+def _init_worker(tokenizer: DocumentTokenizer) -> None:
     global _worker_tokenizer
-    _worker_tokenizer = Tokenizer(model_path)  # once per worker, not once per chunk
+    _worker_tokenizer = tokenizer  # unpickled (loaded by path) once per worker, not per chunk
 
 
 def _encode_in_worker(pieces: list[Piece], keys: list[str], limit: int, dtype: type) -> Encoded:
@@ -82,7 +87,12 @@ class Encoder:
     """
 
     def __init__(
-        self, tokenizer: Tokenizer, keys: list[str], max_doc_bytes: int, dtype: type, workers: int
+        self,
+        tokenizer: DocumentTokenizer,
+        keys: list[str],
+        max_doc_bytes: int,
+        dtype: type,
+        workers: int,
     ) -> None:
         self.tokenizer, self.workers = tokenizer, workers
         self.args = (keys, max_doc_bytes, dtype)
@@ -92,7 +102,7 @@ class Encoder:
     def __enter__(self) -> Encoder:
         if self.workers > 1:
             self.pool = ProcessPoolExecutor(
-                self.workers, initializer=_init_worker, initargs=(str(self.tokenizer.path),)
+                self.workers, initializer=_init_worker, initargs=(self.tokenizer,)
             )
         return self
 

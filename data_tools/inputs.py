@@ -464,15 +464,13 @@ def _parse_text(path: str, number: int, raw: bytes, keys: list[str], out: Parsed
         line = number + raw.count(b"\n", 0, e.start)
         problem = Problem("invalid UTF-8", f"invalid UTF-8 at byte {e.start} (line {line})")
         return _bad(out, path, number, keys, problem)
-    if problem := _unusable(text, surrogates=False):
-        return _bad(out, path, number, keys, problem)
+    if not text:
+        return _bad(out, path, number, keys, Problem("empty document", "empty document"))
     for key in keys:
         out.texts[key].append(text)
 
 
 def _unusable(text: str, surrogates: bool) -> Problem | None:
-    if not text or text.isspace():
-        return Problem("empty document", "empty document")
     if surrogates:
         try:
             text.encode("utf-8")

@@ -5,7 +5,9 @@
 
 Inputs: *.jsonl, *.txt, each optionally compressed (.gz, .zst). The tokenizer: a sentencepiece
 .model, or a Hugging Face tokenizer.json (a path ending in .json, or a folder holding one; needs
-the tokenizers package); documents end with its eos token either way.
+the tokenizers package); documents end with its eos token either way, or as Megatron-LM's
+--tokenizer-type writes them (data_tools/megatron_tokenizers.py). Every JSON string is a document,
+whitespace and "" included (a document without tokens), as in Megatron-LM's tool.
 
 Outputs, for each --json-keys KEY, the prefix P = OUTPUT_PREFIX_KEY_document (Megatron's naming):
 
@@ -24,16 +26,16 @@ interrupted, it keeps the complete shards and resumes reading after the last of 
 tokenized or written twice). Memory stays flat: raw input streams through at most 2 x workers
 chunks of about 1 MB; the workers parse, check and tokenize them.
 
-Bad documents (malformed JSON, missing key, non-string value, invalid UTF-8, empty document,
-giant document over --max-doc-bytes) are counted by reason, and the first few are printed as
-file:line: reason. A truncated or corrupt compressed file stops the run with exit status 1,
-naming the file and the compressed offset. --on-error fail stops at the first bad document too;
---on-error skip also goes on after a corrupt compressed file, keeping its text up to the damage
-and printing the compressed bytes lost (also in the manifest's lost_input). A run that stops
-keeps only shards completed before it: without --shard-size, no output (an earlier one is left
-as it was). A worker process that dies (e.g. the OOM killer) stops the run the same way, with
-exit status 1 and the worker's pid and signal; a rerun resumes after the complete shards.
-A full disk or unwritable output stops it with one line naming the file and the errno.
+Bad documents (malformed JSON, missing key, non-string value, invalid UTF-8, an empty line of a
+.txt file, giant document over --max-doc-bytes) are counted by reason, and the first few are
+printed as file:line: reason. A truncated or corrupt compressed file stops the run with exit
+status 1, naming the file and the compressed offset. --on-error fail stops at the first bad
+document too; --on-error skip also goes on after a corrupt compressed file, keeping its text up
+to the damage and printing the compressed bytes lost (also in the manifest's lost_input). A run
+that stops keeps only shards completed before it: without --shard-size, no output (an earlier
+one is left as it was). A worker process that dies (e.g. the OOM killer) stops the run the same
+way, with exit status 1 and the worker's pid and signal; a rerun resumes after the complete
+shards. A full disk or unwritable output stops it with one line naming the file and the errno.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ from data_tools.inputs import (
     split_piece,
     usable_cpus,
 )
+from data_tools.megatron_tokenizers import DEFAULT_TYPE, TYPES, DocumentTokenizer
 from data_tools.shards import (
     MANIFEST_FORMAT,
     MANIFEST_VERSION,
@@ -85,7 +88,7 @@ from data_tools.shards import (
 from megatron_llm.atomic import WriteFailed, write_failed
 from megatron_llm.data.indexed import ShardWriter
 from megatron_llm.data.manifest import manifest_path, stored_prefix
-from megatron_llm.data.tokenizer import Tokenizer, TokenizerError
+from megatron_llm.data.tokenizer import TokenizerError
 
 CHUNK_BYTES = 1 << 20  # raw input per worker task: amortizes the hand-over, bounds memory
 SHOWN_PROBLEMS = 5
@@ -102,7 +105,7 @@ class Job:
     paths: list[Path]
     sources: list[dict[str, Any]]
     prefixes: dict[str, Path]  # json key -> output prefix
-    tokenizer: Tokenizer
+    tokenizer: DocumentTokenizer  # the tokenizer and the Megatron-LM type of its documents
     dtype: type[np.unsignedinteger] | type[np.signedinteger]
     txt_doc_per_file: bool
     on_error: str | None  # None: skip bad documents, stop at corrupt files
@@ -136,6 +139,7 @@ def identity(job: Job, key: str) -> dict[str, Any]:
         "settings": {
             "txt_doc_per_file": job.txt_doc_per_file,
             "append_eod": True,
+            "tokenizer_type": job.tokenizer.tokenizer_type,
             "shard_size": job.shard_size,
             "max_doc_bytes": job.max_doc_bytes,
         },
@@ -325,8 +329,10 @@ def manifest(job: Job, key: str, complete: bool) -> dict[str, Any]:
         "dtype": np.dtype(job.dtype).name,
         "tokenizer": {
             "path": str(job.tokenizer.path),
-            "vocab_size": job.tokenizer.vocab_size,
+            "type": job.tokenizer.tokenizer_type,
+            "vocab_size": job.tokenizer.vocab_size,  # with Megatron-LM's added specials, if any
             "eod": job.tokenizer.eod,
+            "bos": job.tokenizer.bos,  # before every document, or None
         },
         "max_token_id": max((s["max_token_id"] for s in shards), default=-1),
         "skipped": dict(sorted(total.skipped.items())),
@@ -361,7 +367,7 @@ def plan(args: argparse.Namespace) -> Job:
             f"--json-keys {' '.join(keys)}: several keys need JSON inputs, but "
             f"{next(p for p in paths if not is_json(p))} is a text file"
         )
-    tokenizer = Tokenizer(args.tokenizer)
+    tokenizer = DocumentTokenizer.load(args.tokenizer, args.tokenizer_type)
     return Job(
         paths=paths,
         sources=source_fingerprint(paths),
@@ -411,6 +417,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         required=True,
         type=Path,
         help="sentencepiece .model file, or Hugging Face tokenizer.json (or its folder)",
+    )
+    p.add_argument(
+        "--tokenizer-type",
+        choices=TYPES,
+        default=DEFAULT_TYPE,
+        help="write documents as Megatron-LM's preprocess_data.py does with this --tokenizer-type "
+        "(sentencepiece models): Llama2Tokenizer puts the bos id first, SentencePieceTokenizer "
+        "ends documents with its <EOD> id after the vocabulary (data_tools/megatron_tokenizers.py)",
     )
     p.add_argument("--output-prefix", required=True, type=Path, help="e.g. data/stdlib")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="fields to tokenize")
