@@ -7,6 +7,9 @@ fsynced, and the temporary is renamed over ``NAME`` (then the folder is fsynced,
 survives a power cut). On any failure - a full disk, a read-only file system, an exception in
 the caller's code, Ctrl-C - the temporary is removed and ``NAME`` is left as it was.
 
+A whole folder (an export) is built in :func:`staging_dir` and put in place by
+:func:`publish_dir`.
+
 A failing write raises :class:`WriteFailed` with one line naming the path and the errno, so a
 CLI can print it as is and exit 1.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,6 +102,50 @@ def open_atomic(path: str | Path, mode: str = "wb", **kwargs: Any) -> Iterator[I
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+def staging_dir(out: str | Path) -> Path:
+    """An empty ``.NAME.tmp-PID-*`` folder beside ``out`` to build a whole output folder in,
+    then :func:`publish_dir` it. Folders left by writers that died (their pid is gone) are
+    removed first."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):
+            pid = stale.name[len(f".{out.name}.tmp-") :].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+        return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
+    except OSError as e:
+        raise write_failed(out, e) from e
+
+
+def publish_dir(tmp: Path, out: str | Path) -> None:
+    """Put a complete staging folder in place of ``out`` (replacing an older one)."""
+    out = Path(out)
+    try:
+        fsync_dir(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        fsync_dir(out.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failed(out, e) from e
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> None:
