@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
+from megatron_llm.atomic import write_atomic
 from megatron_llm.config import ConfigError, load_config
 
 
@@ -212,11 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     if ctx.is_logging_rank:
         print_summary(summary, cfg_path)
         out = Path(cfg.logging.dir) / "summary.json"
-        out.write_text(
+        write_atomic(
+            out,
             json.dumps(
                 {k: v for k, v in summary.items() if not (isinstance(v, float) and math.isnan(v))},
                 indent=2,
-            )
+            ),
         )
         print(f"summary written to {out}", flush=True)
     if "failed" in summary and ctx.rank == 0:

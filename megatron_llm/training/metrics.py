@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from megatron_llm.atomic import write_atomic
+
 
 class MetricsLog:
     def __init__(
@@ -19,7 +21,8 @@ class MetricsLog:
         self.tb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(self._history(resume_step))
+            # Atomic: a run killed here must not lose the history of the run it resumes.
+            write_atomic(self.path, self._history(resume_step))
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
