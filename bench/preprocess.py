@@ -1,241 +1,227 @@
-"""Benchmark data_tools/preprocess.py against raw sentencepiece and a Megatron-style baseline.
+"""Benchmark data_tools/preprocess.py on real text, stock tokenizers, against Megatron-LM's tool.
 
-    python bench/preprocess.py                 # a 1 GB corpus in /tmp/megatron_llm_bench
-    python bench/preprocess.py --size-mb 100   # smaller
+    python bench/preprocess.py                              # 60 MB of real text, 2 workers
+    MEGATRON_LM=/path/to/Megatron-LM MEGATRON_LM_PYTHON=/path/to/its/python \\
+        python bench/preprocess.py --size-mb 60 --workers 2 # ... and the ratio to its tool
+    python bench/preprocess.py --generated                  # also the 1 GB generated corpus run
 
 Prints figures; asserts nothing. Steps:
-  1. writes a synthetic corpus of --size-mb MB of JSONL (Python's standard library sources and
-     docs, each repetition varied by renaming identifiers and shuffling document order);
-  2. trains (or reuses) a sentencepiece BPE tokenizer with data_tools/train_tokenizer.py;
-  3. runs preprocess.py over the whole corpus with 1 and with 2 workers: MB/s, tokens/s and the
-     peak RSS of the preprocess process tree;
-  4. on a --sample-mb prefix of the corpus, the same text for all three:
-     - preprocess.py at --workers N,
-     - raw ``SentencePieceProcessor.encode`` of the documents already in memory, N processes
-       (the ceiling: no reading, parsing or writing),
-     - a baseline doing what Megatron-LM's tools/preprocess_data.py does per document: a pool
-       of N workers each json-parsing one line and encoding one document, the parent calling
-       ``IndexedDatasetBuilder.add_document`` once per document;
-     and prints ours / raw (target >= 0.8) and ours / baseline (target >= 2), from wall time
-     and from CPU time (user + system of every process involved, startup included for ours):
-     on a machine shared with other work the wall-time ratios swing with its load, and favour
-     whichever side runs more processes; CPU-time ratios stay put.
+  1. writes a corpus of --size-mb MB of real, varied text as JSONL: the .py, .md, .rst and .txt
+     files of the installed packages (site-packages: code, docs, license texts, changelogs), one
+     document per file, in a fixed shuffled order;
+  2. trains four tokenizers on a held-out text (Python's standard library), one of each kind:
+       ours        data_tools/train_tokenizer.py (sentencepiece BPE, no dummy prefix);
+       llama-sp    sentencepiece BPE with Llama's options (identity normalizer, dummy prefix,
+                   byte fallback, digits split);
+       gpt2-bpe    a byte-level BPE tokenizer.json with GPT-2's pre-tokenizer (tokenizers);
+       llama3-bpe  a byte-level BPE tokenizer.json with Llama 3's regex (tokenizers);
+  3. for each: preprocess.py at --workers N, wall time and CPU time (user + system of the whole
+     process tree, startup included), and the encoding it used (split_encode's cut, or
+     "documents" when it encodes whole documents);
+  4. with MEGATRON_LM (a Megatron-LM tree, tag core_r0.11.0) and MEGATRON_LM_PYTHON (a python
+     that runs its tools/preprocess_data.py): its tool on the same file at the same --workers
+     (GPTSentencePieceTokenizer for the sentencepiece models, HuggingFaceTokenizer for the
+     tokenizer.json files), whether both wrote the same bytes, and ours / its tool by wall time
+     and by CPU time. On a machine shared with other work, wall-time ratios swing with its load;
+     CPU-time ratios stay put.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import random
-import re
-import resource
 import subprocess
 import sys
 import sysconfig
 import time
-import warnings
-import zlib
 from pathlib import Path
 
-import numpy as np
 import sentencepiece
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from megatron_llm.data.hf_tokenizer import CL100K_REGEX  # noqa: E402
+
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-IDENT = re.compile(r"\b([a-z]{4,})\b")
+SITE = Path(sysconfig.get_paths()["purelib"])
+SUFFIXES = (".py", ".md", ".rst", ".txt")
+KINDS = ("ours", "llama-sp", "gpt2-bpe", "llama3-bpe")
 
 
-def source_documents() -> list[str]:
-    docs = []
-    for path in sorted(STDLIB.rglob("*")):
-        if path.suffix not in (".py", ".txt", ".rst") or "site-packages" in path.parts:
+def real_documents(limit_bytes: int) -> list[str]:
+    """Text files of the installed packages, one document each, in a fixed shuffled order."""
+    paths = [p for p in SITE.rglob("*") if p.suffix in SUFFIXES and p.is_file()]
+    random.Random(0).shuffle(paths)
+    docs, size = [], 0
+    for path in paths:
+        if path.stat().st_size > 4_000_000:
             continue
         try:
             text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue
-        if text.strip():
-            docs.append(text)
+        docs.append(text)
+        size += len(text.encode())
+        if size >= limit_bytes:
+            break
     return docs
 
 
-def _vary(word: str, suffix: str) -> str:
-    return word + suffix if zlib.crc32(word.encode()) % 7 == 0 else word
-
-
-def write_corpus(path: Path, size_mb: int) -> None:
-    if path.is_file() and path.stat().st_size >= size_mb * 1e6:
-        print(f"reusing corpus {path} ({path.stat().st_size / 1e6:.0f} MB)")
-        return
-    docs = source_documents()
-    rng = random.Random(0)
+def write_jsonl(path: Path, docs: list[str]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    written, rep = 0, 0
     with tmp.open("w", encoding="utf-8") as f:
-        while written < size_mb * 1e6:
-            order = list(range(len(docs)))
-            rng.shuffle(order)
-            suffix = f"_{rep}"
-            for i in order:
-                # Rename some identifiers so that repetitions are not byte-identical text.
-                text = IDENT.sub(lambda m, s=suffix: _vary(m.group(1), s), docs[i])
-                line = json.dumps({"text": text}) + "\n"
-                f.write(line)
-                written += len(line.encode())
-                if written >= size_mb * 1e6:
-                    break
-            rep += 1
+        for doc in docs:
+            f.write(json.dumps({"text": doc}) + "\n")
     os.replace(tmp, path)
-    print(f"wrote corpus {path} ({written / 1e6:.0f} MB)")
 
 
-def prefix_file(src: Path, dst: Path, size_mb: int) -> None:
-    if dst.is_file():
-        return
-    with src.open("rb") as fin, dst.open("wb") as fout:
-        for line in fin:
-            fout.write(line)
-            if fout.tell() >= size_mb * 1e6:
-                break
+def training_lines() -> list[str]:
+    docs = [p.read_text(encoding="utf-8") for p in sorted(STDLIB.glob("*.py"))]
+    return [line for doc in docs for line in doc.split("\n") if line.strip()]
 
 
-def run_preprocess(corpus: Path, model: Path, out: Path, workers: int) -> dict:
+def make_tokenizers(folder: Path, vocab: int) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {kind: folder / kind for kind in KINDS}
+    lines = training_lines()
+    if not (folder / "ours.model").is_file():
+        train = folder / "train.jsonl"
+        write_jsonl(train, [p.read_text(encoding="utf-8") for p in sorted(STDLIB.glob("*.py"))])
+        cmd = [sys.executable, str(REPO / "data_tools/train_tokenizer.py"), "--input", str(train)]
+        cmd += ["--output-prefix", str(folder / "ours"), "--vocab-size", str(vocab)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    out["ours"] = folder / "ours.model"
+    if not (folder / "llama-sp.model").is_file():
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_prefix=str(folder / "llama-sp"),
+            vocab_size=vocab,
+            model_type="bpe",
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            add_dummy_prefix=True,
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            minloglevel=2,
+        )
+    out["llama-sp"] = folder / "llama-sp.model"
+    for kind, regex in (("gpt2-bpe", None), ("llama3-bpe", CL100K_REGEX)):
+        if not (out[kind] / "tokenizer.json").is_file():
+            byte_level_bpe(out[kind], lines, regex, vocab)
+    return out
+
+
+def byte_level_bpe(folder: Path, lines: list[str], regex: str | None, vocab: int) -> None:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=regex is None)
+    if regex is None:
+        tok.pre_tokenizer = byte_level
+    else:
+        split = pre_tokenizers.Split(Regex(regex), behavior="isolated")
+        tok.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(lines, trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    # What transformers' AutoTokenizer (Megatron-LM's HuggingFaceTokenizer) needs for its eod.
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def timed(cmd: list[str], cwd: Path | None = None) -> tuple[float, float]:
+    """Wall and CPU seconds of a command and every process it waited for."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # wait4's rusage is this child's and its waited-for descendants' (the worker pools).
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status):
+        err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{err}")
+    return wall, usage.ru_utime + usage.ru_stime
+
+
+def ours(corpus: Path, tokenizer: Path, out: Path, workers: int) -> tuple[float, float, dict]:
     summary = out.with_name(out.name + ".summary.json")
     cmd = [sys.executable, str(REPO / "data_tools/preprocess.py"), "--input", str(corpus)]
-    cmd += ["--tokenizer", str(model), "--output-prefix", str(out), "--workers", str(workers)]
-    cmd += ["--force", "--summary-json", str(summary)]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    # wait4's rusage is this child's alone: the largest RSS among it and its waited-for pool
-    # workers (Linux keeps the maximum, not the sum, of a process tree).
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed with exit status {proc.returncode}")
-    wall = time.perf_counter() - start
-    result = json.loads(summary.read_text())
-    result["wall"] = wall
-    result["cpu"] = usage.ru_utime + usage.ru_stime
-    result["peak_rss_mb"] = usage.ru_maxrss / 1024
-    for p in out.parent.glob(out.name + "_*"):
-        p.unlink()
-    return result
+    cmd += ["--tokenizer", str(tokenizer), "--output-prefix", str(out), "--workers", str(workers)]
+    wall, cpu = timed([*cmd, "--force", "--summary-json", str(summary)])
+    manifest = out.parent / "manifests" / f"{out.name}_text_document.manifest.json"
+    return wall, cpu, {**json.loads(summary.read_text()), **json.loads(manifest.read_text())}
 
 
-_sp: sentencepiece.SentencePieceProcessor | None = None
+def theirs(
+    tree: Path, python: str, corpus: Path, tokenizer: Path, out: Path, workers: int
+) -> tuple[float, float]:
+    kind = "HuggingFaceTokenizer" if tokenizer.is_dir() else "GPTSentencePieceTokenizer"
+    cmd = [python, "tools/preprocess_data.py", "--input", str(corpus), "--output-prefix", str(out)]
+    cmd += ["--tokenizer-type", kind, "--tokenizer-model", str(tokenizer), "--append-eod"]
+    return timed([*cmd, "--workers", str(workers), "--log-interval", "1000000"], cwd=tree)
 
 
-def _init(model: str) -> None:
-    global _sp
-    _sp = sentencepiece.SentencePieceProcessor(model_file=model)
-
-
-def _raw(docs: list[str]) -> int:
-    assert _sp is not None
-    # One thread per process: sentencepiece's default (-1) starts a thread per hardware core,
-    # which would give "1 worker" every core of the machine.
-    return sum(len(ids) for ids in _sp.encode(docs, num_threads=1))
-
-
-def _cpu_seconds() -> float:
-    """CPU time of this process and of its children that have been waited for."""
-    own, children = (
-        resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-    )
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-def raw_encode(docs: list[str], model: Path, workers: int) -> tuple[float, int, float]:
-    """Seconds, tokens and CPU seconds to encode docs (in memory) with N processes, whole
-    documents."""
-    parts = [docs[i::workers] for i in range(workers)]
-    cpu = _cpu_seconds()
-    with multiprocessing.Pool(workers, initializer=_init, initargs=(str(model),)) as pool:
-        pool.map(_raw, [["warm up"]] * workers)
-        start = time.perf_counter()
-        tokens = sum(pool.map(_raw, parts))
-        seconds = time.perf_counter() - start
-    return seconds, tokens, _cpu_seconds() - cpu
-
-
-def _megatron_encode(line: str) -> tuple[list[int], int]:
-    # What Megatron-LM's Encoder.encode does for one line: parse, tokenize one document, EOD.
-    assert _sp is not None
-    text = json.loads(line)["text"]
-    return _sp.encode(text) + [_sp.piece_to_id("</s>")], len(line)
-
-
-def megatron_baseline(corpus: Path, model: Path, out: Path, workers: int) -> tuple[float, float]:
-    """Seconds and CPU seconds of the Megatron-style run."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-    cpu = _cpu_seconds()
-    with multiprocessing.Pool(workers, initializer=_init, initargs=(str(model),)) as pool:
-        start = time.perf_counter()
-        builder = IndexedDatasetBuilder(f"{out}.bin", dtype=np.uint16)
-        with corpus.open(encoding="utf-8") as fin:
-            for ids, _ in pool.imap(_megatron_encode, fin, 32):
-                builder.add_document(np.array(ids, dtype=np.uint16), [len(ids)])
-        builder.finalize(f"{out}.idx")
-        seconds = time.perf_counter() - start
-    cpu = _cpu_seconds() - cpu
-    for ext in (".bin", ".idx"):
-        Path(f"{out}{ext}").unlink()
-    return seconds, cpu
+def same_output(a: Path, b: Path) -> bool:
+    files = [
+        (Path(f"{a}_text_document{e}"), Path(f"{b}_text_document{e}")) for e in (".bin", ".idx")
+    ]
+    return all(x.read_bytes() == y.read_bytes() for x, y in files)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size-mb", type=int, default=1024, help="corpus size (default 1024)")
-    p.add_argument("--sample-mb", type=int, default=100, help="text for the ratios (default 100)")
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--dir", type=Path, default=Path("/tmp/megatron_llm_bench"))
+    p.add_argument("--size-mb", type=int, default=60, help="real text (default 60)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--dir", type=Path, default=Path("/tmp/megatron_llm_bench"))
+    p.add_argument("--megatron-lm", type=Path, default=os.environ.get("MEGATRON_LM"))
+    p.add_argument(
+        "--megatron-python", default=os.environ.get("MEGATRON_LM_PYTHON", sys.executable)
+    )
+    p.add_argument("--generated", action="store_true", help="also bench/preprocess_generated.py")
     args = p.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
-    corpus = args.dir / f"corpus_{args.size_mb}mb.jsonl"
-    write_corpus(corpus, args.size_mb)
-    sample = args.dir / f"sample_{args.sample_mb}mb_of_{args.size_mb}.jsonl"
-    prefix_file(corpus, sample, min(args.sample_mb, args.size_mb))
-    tok = args.dir / f"tok{args.vocab_size}"
-    cmd = [sys.executable, str(REPO / "data_tools/train_tokenizer.py"), "--input", str(sample)]
-    cmd += ["--output-prefix", str(tok), "--vocab-size", str(args.vocab_size)]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    model = Path(f"{tok}.model")
-    out = args.dir / "out"
+    corpus = args.dir / f"real_{args.size_mb}mb.jsonl"
+    if not corpus.is_file():
+        write_jsonl(corpus, real_documents(args.size_mb * 1_000_000))
+    mb = corpus.stat().st_size / 1e6
+    docs = sum(1 for _ in corpus.open("rb"))
+    print(f"corpus {corpus}: {mb:.1f} MB, {docs} documents (site-packages text files)")
+    tokenizers = make_tokenizers(args.dir / "tokenizers", args.vocab_size)
     rows = []
-    print(f"\n== preprocess.py on the whole corpus ({corpus.stat().st_size / 1e6:.0f} MB)")
-    for w in args.workers:
-        r = run_preprocess(corpus, model, out, w)
-        tokens = sum(o["tokens"] for o in r["outputs"])
-        rows.append((w, r["bytes"] / 1e6 / r["seconds"], tokens / r["seconds"], r["peak_rss_mb"]))
-        print(
-            f"workers={w}: {r['seconds']:.1f}s ({r['wall']:.1f}s wall), "
-            f"{rows[-1][1]:.2f} MB/s, {rows[-1][2]:,.0f} tokens/s, "
-            f"peak RSS {r['peak_rss_mb']:.0f} MB"
-        )
-    docs = [json.loads(line)["text"] for line in sample.open(encoding="utf-8")]
-    mb = sample.stat().st_size / 1e6
-    print(f"\n== the same {mb:.0f} MB sample ({len(docs)} documents) three ways")
-    for w in args.workers:
-        ours = run_preprocess(sample, model, out, w)
-        raw_s, raw_tokens, raw_cpu = raw_encode(docs, model, w)
-        base_s, base_cpu = megatron_baseline(sample, model, args.dir / "baseline", w)
-        print(
-            f"workers={w}: ours {mb / ours['seconds']:.2f} MB/s | raw encode "
-            f"{mb / raw_s:.2f} MB/s ({raw_tokens / raw_s:,.0f} tokens/s) | Megatron-style "
-            f"{mb / base_s:.2f} MB/s || ours/raw = {raw_s / ours['seconds']:.2f} (target >= "
-            f"0.8), ours/baseline = {base_s / ours['seconds']:.2f} (target >= 2)\n"
-            f"  per CPU second: ours {mb / ours['cpu']:.2f} MB | raw {mb / raw_cpu:.2f} MB | "
-            f"Megatron-style {mb / base_cpu:.2f} MB || ours/raw = {raw_cpu / ours['cpu']:.2f}, "
-            f"ours/baseline = {base_cpu / ours['cpu']:.2f}"
-        )
-    print("\n| workers | MB/s | tokens/s | peak RSS (MB) |\n|---|---|---|---|")
-    for w, mbs, tps, rss in rows:
-        print(f"| {w} | {mbs:.2f} | {tps:,.0f} | {rss:.0f} |")
+    for kind in args.kinds:
+        out = args.dir / f"ours_{kind}"
+        wall, cpu, info = ours(corpus, tokenizers[kind], out, args.workers)
+        row = f"| {kind} | {info['encoding']} | {mb / wall:.2f} | {mb / cpu:.2f} |"
+        if args.megatron_lm:
+            base = args.dir / f"theirs_{kind}"
+            t_wall, t_cpu = theirs(
+                args.megatron_lm, args.megatron_python, corpus, tokenizers[kind], base, args.workers
+            )
+            same = "yes" if same_output(out, base) else "NO"
+            row += f" {mb / t_wall:.2f} | {mb / t_cpu:.2f} | {same} | "
+            row += f"{t_wall / wall:.2f} | {t_cpu / cpu:.2f} |"
+        rows.append(row)
+        print(row, flush=True)
+    head = "| tokenizer | encoding | ours MB/s | ours MB/CPU-s |"
+    if args.megatron_lm:
+        head += " Megatron MB/s | Megatron MB/CPU-s | same bytes | ratio (wall) | ratio (CPU) |"
+    print(f"\n{mb:.0f} MB of real text, --workers {args.workers}\n{head}")
+    print("|" + "---|" * (head.count("|") - 1))
+    print("\n".join(rows))
+    if args.generated:
+        generated = [sys.executable, str(REPO / "bench/preprocess_generated.py")]
+        return subprocess.run(generated, check=False).returncode
     return 0
 
 
