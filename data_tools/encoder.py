@@ -14,6 +14,7 @@ import signal
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -134,16 +135,26 @@ class Encoder:
                 self.processes.update(getattr(self.pool, "_processes", None) or {})
                 if len(pending) >= 2 * self.workers:
                     done, future = pending.popleft()
-                    yield done, future.result()
+                    yield done, self._result(future)
             while pending:
                 done, future = pending.popleft()
-                yield done, future.result()
+                yield done, self._result(future)
         except BrokenProcessPool as e:  # from submit() or result(), whichever sees it first
             raise WorkerDied(self._death()) from e
 
+    def _result(self, future: Future[Encoded]) -> Encoded:
+        # The executor's own thread notices a death, unless the worker died half-way through
+        # sending a result: then that thread waits for the rest forever (seen 1 in 30 kills).
+        # So this thread also watches the workers, twice a second.
+        while True:
+            try:
+                return future.result(timeout=0.5)
+            except FutureTimeout:
+                if any(p.exitcode not in (None, 0) for p in self.processes.values()):
+                    raise WorkerDied(self._death()) from None
+
     def _death(self) -> str:
-        for process in self.processes.values():
-            process.join(timeout=5)  # the exit code is set once the process is reaped
+        # exitcode reaps a dead process without waiting (waitpid WNOHANG); survivors are alive.
         dead = [p for p in self.processes.values() if p.exitcode not in (None, 0)]
         if not dead:
             return "a tokenizing worker process died; rerun the same command to resume"

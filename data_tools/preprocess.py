@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -564,4 +565,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # os._exit, not sys.exit: after a worker's death the executor's thread may wait forever for
+    # the rest of a result the worker was sending, and interpreter exit would wait for it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
