@@ -61,6 +61,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def completion_text(tokenizer: Tokenizer, prompt: list[int], new: list[int]) -> str:
+    """The text the new tokens add after the prompt's, as transformers' text-generation pipeline
+    gives it: decoded alone, they would lose the leading space that a sentencepiece model with a
+    dummy prefix strips from the start of every text ("def" + "main" for "def main")."""
+    return tokenizer.decode(prompt + new)[len(tokenizer.decode(prompt)) :]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -86,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rows = [
-        {"prompt": p, "completion": tokenizer.decode(ids), "tokens": ids}
-        for p, ids in zip(args.prompt, outputs)
+        {"prompt": p, "completion": completion_text(tokenizer, ids_in, ids), "tokens": ids}
+        for p, ids_in, ids in zip(args.prompt, prompts, outputs)
     ]
     if args.json:
         print(json.dumps(rows, indent=2))

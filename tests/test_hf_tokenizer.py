@@ -175,6 +175,16 @@ def test_pipeline_continues_as_generate(
         (result,) = pipe(prompt, max_new_tokens=24, do_sample=False, return_tensors=True)
         prompt_ids = ours.encode(prompt)
         assert result["generated_token_ids"] == prompt_ids + row["tokens"], prompt
-        (text,) = pipe(prompt, max_new_tokens=24, do_sample=False)
-        generated = ours.decode(prompt_ids + [t for t in row["tokens"] if t != ours.eod])
-        assert text["generated_text"] == generated, prompt
+        (text,) = pipe(prompt, max_new_tokens=24, do_sample=False, return_full_text=False)
+        assert text["generated_text"] == row["completion"], prompt
+
+
+def test_generate_completion_keeps_the_space_after_the_prompt(tokenizers: dict[str, Path]) -> None:
+    """A dummy-prefix sentencepiece model strips the leading space of a decoded text: generate's
+    completion of "def" must still read " main" (as the pipeline's), not "main"."""
+    from megatron_llm.generate import completion_text
+
+    ours = Tokenizer(tokenizers["sp-llama"])
+    prompt, whole = ours.encode("def"), ours.encode("def main")
+    assert whole[: len(prompt)] == prompt
+    assert completion_text(ours, prompt, whole[len(prompt) :]) == " main"
