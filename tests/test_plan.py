@@ -18,8 +18,17 @@ BASE += ["model.seq_length=16", "train.micro_batch_size=2", "train.grad_accum_st
 VOCAB = 500  # padded to 512 rows
 LAYOUTS = [
     ["model.style=gpt2", "parallel.dp=2", "parallel.zero_stage=1"],
-    ["model.style=gpt2", "parallel.dp=2", "parallel.zero_stage=2"],
-    ["model.style=llama", "model.num_kv_heads=2", "parallel.dp=2", "parallel.zero_stage=3"],
+    # bf16 accumulates gradients in fp32 (parallel/engine.py): ZeRO 1 takes DeepSpeed's bf16
+    # optimizer, whose buffers differ from the fp32 path's.
+    ["model.style=gpt2", "parallel.dp=2", "parallel.zero_stage=1", "train.precision=bf16"],
+    ["model.style=gpt2", "parallel.dp=2", "parallel.zero_stage=2", "train.precision=bf16"],
+    [
+        "model.style=llama",
+        "model.num_kv_heads=2",
+        "parallel.dp=2",
+        "parallel.zero_stage=3",
+        "train.precision=bf16",
+    ],
     ["model.style=llama", "model.num_kv_heads=2", "parallel.tp=2", "parallel.zero_stage=0"],
 ]
 
@@ -45,7 +54,8 @@ def _flat(obj) -> list:
 def _grad_bytes(engine) -> int:
     opt = engine.optimizer
     tensors = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    for name in ("averaged_gradients", "ipg_buffer", "grad_partitions_flat_buffer"):
+    names = ("averaged_gradients", "grad_partitions_flat_buffer", "fp32_groups_gradients_flat")
+    for name in names:  # DeepSpeed 0.19's: ZeRO 2, ZeRO 3, bf16 ZeRO 1 (fp32 accumulator)
         tensors += _flat(getattr(opt, name, None))
     return _bytes(tensors)
 
@@ -79,6 +89,7 @@ def measure(layouts: list[list[str]]) -> list[dict]:
         state = [t for s in inner.state.values() for t in s.values() if torch.is_tensor(t)]
         masters = _flat(getattr(opt, "single_partition_of_fp32_groups", None))
         masters += _flat(getattr(opt, "fp32_partitioned_groups_flat", None))
+        masters += _flat(getattr(opt, "fp32_groups_flat_partition", None))  # bf16 ZeRO 1
         state = [t for t in state if t.dim() > 0] + masters
         out.append({"params": _bytes(params), "grads": grads, "optimizer": _bytes(state)})
     return out
@@ -90,7 +101,7 @@ def test_model_state_estimates_match_deepspeed_engines():
         cfg = load_config(None, BASE + overrides)
         p = cfg.parallel
         lay = plan.Layout(p.tp, 1, p.dp, p.zero_stage, 2, 2, False)
-        est = plan.estimate(cfg.model, VOCAB, lay, "fp32")
+        est = plan.estimate(cfg.model, VOCAB, lay, cfg.train.precision)
         for key in ("params", "grads", "optimizer"):
             assert getattr(est, key) == pytest.approx(got[key], rel=0.1), (overrides, key, got)
 

@@ -24,7 +24,7 @@ GB = 1e9
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
 def test_model_states_match_the_zero_paper(zero):
     n, gpus, expected = ZERO_PAPER["params"], ZERO_PAPER["gpus"], ZERO_PAPER["gb"][zero]
-    got = sum(plan.model_state_bytes(int(n), zero, gpus, "bf16")) / GB
+    got = sum(plan.model_state_bytes(int(n), zero, gpus, "fp16")) / GB  # their mixed precision
     assert got == pytest.approx(expected, rel=0.02)
 
 
@@ -84,7 +84,7 @@ def test_the_published_1t_layout_fits_in_80gb(capsys):
     """Narayanan et al.'s 1T run: tp=8, pp=64, dp=6, micro-batch 1, full recompute, A100-80GB."""
     argv = ["configs/gpt_125m.yaml", "--device", "a100", "--global-batch", "3072", "--json"]
     argv += ["model.num_layers=128", "model.hidden_size=25600", "model.num_heads=160"]
-    argv += ["model.seq_length=2048", "model.vocab_size=51200", "train.precision=bf16"]
+    argv += ["model.seq_length=2048", "model.vocab_size=51200", "train.precision=fp16"]
     argv += ["--layout", "tp=8,pp=64,dp=6,zero=0,micro=1,ckpt=full"]
     assert plan.main(argv) == 0
     row = json.loads(capsys.readouterr().out)
@@ -97,7 +97,7 @@ def test_the_published_1t_layout_fits_in_80gb(capsys):
 def _predicted(p):
     micro = p.micro or 1
     lay = plan.Layout(p.tp, p.pp, p.dp, p.zero, micro, p.batch // p.dp // micro, True)
-    return plan.step_time(p.model(), VOCAB, lay, "bf16", A100, 8)
+    return plan.step_time(p.model(), VOCAB, lay, "fp16", A100, 8)
 
 
 @pytest.mark.parametrize("p", NARAYANAN_TABLE_1 + NARAYANAN_TABLE_2, ids=lambda p: p.name)
@@ -126,7 +126,7 @@ def test_search_ranks_narayanan_layouts_near_the_top(p, attention):
     2021 attention stored the s x s scores (attention='math'); with flash attention too."""
     cfg = types.SimpleNamespace(
         model=p.model(),
-        train=types.SimpleNamespace(precision="bf16"),
+        train=types.SimpleNamespace(precision="fp16"),  # as they ran
         parallel=types.SimpleNamespace(sequence_parallel=False),
     )
     found = search.plan(cfg, VOCAB, p.gpus, 8, p.batch, 0.9 * 80 * GB, A100, attention)

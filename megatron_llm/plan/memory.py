@@ -8,7 +8,9 @@ Model states (checked against real DeepSpeed engines in tests/test_plan.py; the 
 7.5B / 64 GPU figures in tests/test_plan_published.py):
   parameters  b*N; ZeRO 3: b*N/d
   gradients   b*N for ZeRO 0 and 1 (stage 1 holds whole gradients until they are reduced at the
-              end of a step's backward); ZeRO 2/3: b*N/d
+              end of a step's backward); ZeRO 2/3: b*N/d. In bf16 with ZeRO 1-3 the gradients
+              accumulate in fp32 (parallel/engine.py): ZeRO 1's bf16 optimizer keeps a whole
+              fp32 accumulator besides the bf16 .grad, 6*N; ZeRO 2/3 keep fp32 partitions, 4*N/d
   optimizer   AdamW's two fp32 moments plus an fp32 master copy where DeepSpeed keeps one:
               ZeRO 0: 8*N (fp32: the parameters are the master) or 12*N (16-bit);
               ZeRO 1-3: 12*N/d (DeepSpeed's ZeRO optimizers always keep an fp32 partition)
@@ -103,6 +105,8 @@ def model_state_bytes(n: int, zero: int, dp: int, precision: str) -> tuple[float
     b = element_bytes(precision)
     params = b * n / (dp if zero == 3 else 1)
     grads = b * n / (dp if zero >= 2 else 1)
+    if precision == "bf16" and zero >= 1:  # fp32 accumulation (see the docstring)
+        grads = 4 * n / dp if zero >= 2 else 6 * n
     if zero == 0:
         optimizer = (8 if precision == "fp32" else 12) * n
     else:
