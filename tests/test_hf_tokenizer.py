@@ -140,7 +140,7 @@ def _generate_json(ckpt: Path, prompts: list[str], n: int) -> list[dict[str, Any
     return json.loads(out.getvalue())
 
 
-@pytest.mark.parametrize("kind", ["sp-llama", "json-gpt2"])
+@pytest.mark.parametrize("kind", ["sp-llama"])  # a dummy prefix: the harder case for text
 def test_pipeline_continues_as_generate(
     tmp_path: Path, tokenizers: dict[str, Path], kind: str
 ) -> None:
@@ -168,15 +168,22 @@ def test_pipeline_continues_as_generate(
     assert ckpt_cli(["import-hf", str(tmp_path / "hf"), str(tmp_path / "ckpt"), *overrides]) == 0
     ckpt = tmp_path / "ckpt" / "global_step0"
     assert ckpt_cli(["export-hf", str(ckpt), str(tmp_path / "out")]) == 0
-    prompts = ["def main(", " import os\n", "café 日本"]
-    rows = _generate_json(ckpt, prompts, 24)
+    prompts = ["def main(", " import os\n"]
+    rows = _generate_json(ckpt, prompts, 16)
+    assert sum(len(r["tokens"]) for r in rows) > 16, rows  # more than a token or two to compare
     pipe = transformers.pipeline("text-generation", model=str(tmp_path / "out"), device="cpu")
     for prompt, row in zip(prompts, rows):
-        (result,) = pipe(prompt, max_new_tokens=24, do_sample=False, return_tensors=True)
+        (result,) = pipe(prompt, max_new_tokens=16, do_sample=False, return_tensors=True)
         prompt_ids = ours.encode(prompt)
         assert result["generated_token_ids"] == prompt_ids + row["tokens"], prompt
-        (text,) = pipe(prompt, max_new_tokens=24, do_sample=False, return_full_text=False)
+        (text,) = pipe(prompt, max_new_tokens=16, do_sample=False, return_full_text=False)
         assert text["generated_text"] == row["completion"], prompt
+    # Back again: import-hf takes the exported tokenizer.json when the config names none.
+    assert ckpt_cli(["import-hf", str(tmp_path / "out"), str(tmp_path / "again")]) == 0
+    config = (tmp_path / "again" / "global_step0" / "config.yaml").read_text()
+    assert str((tmp_path / "out" / "tokenizer.json").resolve()) in config
+    again = Tokenizer(tmp_path / "out" / "tokenizer.json")
+    assert [again.encode(p) for p in prompts] == [ours.encode(p) for p in prompts]
 
 
 def test_generate_completion_keeps_the_space_after_the_prompt(tokenizers: dict[str, Path]) -> None:
