@@ -281,6 +281,10 @@ def test_dataset_index_cache_payload_is_refused_and_rebuilt(
     assert planted
     for path in planted:  # a shared cache dir: anyone may have written these
         path.write_bytes(npy_payload(marker))
+    stamps = sorted((tmp_path / "cache").glob("shard_checks/*.json"))  # what checks learned
+    assert stamps
+    for path in stamps:
+        path.write_bytes(pickled(marker))
     with caplog.at_level(logging.WARNING):
         assert train_items() == expected
     assert "Python objects" in caplog.text and "rebuilding" in caplog.text

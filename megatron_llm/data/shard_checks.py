@@ -157,7 +157,9 @@ class _Stamp:
         self.data: dict[str, Any] = {}
         try:
             saved = json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):  # unreadable, not UTF-8 or not JSON: check again
+            return
+        if not isinstance(saved, dict):  # a cache dir may be shared: trust no shape
             return
         if saved.get("version") == STAMP_VERSION and saved.get("bin") == self.file:
             self.data = saved.get("learned", {})
