@@ -77,8 +77,7 @@ def _read(path: Path) -> tuple[dict[str, Any], float] | None:
 
 def why_stale(holder: dict[str, Any], age: float, stale_after_s: float) -> str | None:
     """Why the holder is gone (a reason to take the lock over), or None if it may be alive."""
-    if age > stale_after_s:
-        return f"no heartbeat for {age:.0f} s (more than {stale_after_s:.0f} s)"
+    # On the holder's own host a gone pid settles it at once; otherwise the heartbeat decides.
     same_machine = holder.get("host") == socket.gethostname()
     if same_machine and holder.get("boot_id") and holder.get("boot_id") != _boot_id():
         return "its host has rebooted since"
@@ -88,6 +87,8 @@ def why_stale(holder: dict[str, Any], age: float, stale_after_s: float) -> str |
             return f"pid {holder['pid']} is not running"
         if start != holder.get("pid_start"):
             return f"pid {holder['pid']} is now another process"
+    if age > stale_after_s:
+        return f"no heartbeat for {age:.0f} s (more than {stale_after_s:.0f} s)"
     return None
 
 
