@@ -175,15 +175,27 @@ def watched_step_eval_save(argv: list[str]) -> dict:
     undeviced: list[str] = []
     collectives: set[tuple[str, str]] = set()
 
+    moved: list[torch.Tensor] = []  # what hot paths copied to the host (kept alive: ids stay)
+    late: list[str] = []  # collectives fed one of those
+
+    def hot_caller() -> str | None:
+        caller = sys._getframe(2)
+        where = caller.f_code.co_filename.split("megatron_llm/")[-1]
+        if "megatron_llm/" in caller.f_code.co_filename and where.startswith(HOT_PATHS):
+            return f"{where}:{caller.f_lineno}"
+        return None
+
     class Watch(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
-            if func in factories and "device" not in kwargs:
-                caller = sys._getframe(1)
-                where = caller.f_code.co_filename.split("megatron_llm/")[-1]
-                if "megatron_llm/" in caller.f_code.co_filename and where.startswith(HOT_PATHS):
-                    undeviced.append(f"{where}:{caller.f_lineno} torch.{func.__name__}")
-            return func(*args, **kwargs)
+            if func in factories and "device" not in kwargs and (where := hot_caller()):
+                undeviced.append(f"{where} torch.{func.__name__}")
+            result = func(*args, **kwargs)
+            # On a CPU rank .cpu() returns the tensor itself, so a host copy that a collective
+            # later gets (NCCL would refuse it) is the same object here.
+            if func is torch.Tensor.cpu and hot_caller():
+                moved.append(result)
+            return result
 
     def watched(name: str, real):
         def collective(*args, **kwargs):
@@ -191,6 +203,8 @@ def watched_step_eval_save(argv: list[str]) -> dict:
                 for x in t if isinstance(t, list) else [t]:
                     if isinstance(x, torch.Tensor):
                         collectives.add((name, str(x.device)))
+                        if any(x is m for m in moved):
+                            late.append(name)
             return real(*args, **kwargs)
 
         return collective
@@ -210,7 +224,12 @@ def watched_step_eval_save(argv: list[str]) -> dict:
     finally:
         for name in COLLECTIVES:
             setattr(dist, name, real[name])
-    return {"device": str(ctx.device), "undeviced": undeviced, "collectives": sorted(collectives)}
+    return {
+        "device": str(ctx.device),
+        "undeviced": undeviced,
+        "collectives": sorted(collectives),
+        "fed_host_copies": late,
+    }
 
 
 def test_hot_paths_keep_tensors_on_the_rank_device(tmp_path, email_shard, bpe_model) -> None:
@@ -232,6 +251,7 @@ def test_hot_paths_keep_tensors_on_the_rank_device(tmp_path, email_shard, bpe_mo
     ]
     for r in run_on_ranks(2, watched_step_eval_save, argv):
         assert r["undeviced"] == [], r["undeviced"]
+        assert r["fed_host_copies"] == []  # e.g. a tp gather of state already moved to the CPU
         ops = {op for op, _ in r["collectives"]}
         assert {"all_reduce", "all_gather"} <= ops, r["collectives"]  # it watched the real ones
         assert {device for _, device in r["collectives"]} == {r["device"]}
