@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("MEGATRON_LLM_KERNELS", None)  # each step says which kernels it runs
+    env["PYTHON"] = sys.executable  # launch/pretrain.sh's interpreter: this environment's
     factor = DRY_FACTOR if args.dry_run else 1.0
     check = Check(
         out=args.out.resolve(), dry=args.dry_run, python=sys.executable,
