@@ -208,9 +208,7 @@ class _Decompressed(io.RawIOBase):
             block = self.file.read(self.FEED)
             if not block:
                 if self.fed:
-                    self.failed = self._corrupt(
-                        "the stream ends inside a compressed frame (truncated)"
-                    )
+                    self.failed = self._corrupt("stream ends inside a compressed frame (truncated)")
                 return 0
             try:
                 self.pending = self._decode(block)
@@ -233,7 +231,7 @@ class _Decompressed(io.RawIOBase):
             try:
                 out.append(self.decoder.decompress(block))
             except self.errors as e:
-                raise self._corrupt(f"corrupt data ({e})") from e
+                raise self._corrupt(f"data is corrupt ({e})") from e
             if not self.decoder.eof:
                 break
             block = self.decoder.unused_data  # the next gzip member or zstd frame

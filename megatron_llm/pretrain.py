@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_llm.checkpoint.runtime import SaveFailed
     from megatron_llm.cluster.checks import EnvironmentCheckError, check_environment
     from megatron_llm.cluster.watchdog import Watchdog
+    from megatron_llm.data.indexed import ShardError
     from megatron_llm.parallel.groups import build_context, init_distributed
     from megatron_llm.training.loop import train
 
@@ -198,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             lock.release()
         dist.destroy_process_group()
         return 1
-    except CheckpointError as e:  # a refused or impossible resume: say why, no traceback
+    except (CheckpointError, ShardError) as e:  # a refused resume, or shards that fail their
+        # checks before the first step (megatron_llm/data/shard_checks.py): say why, no traceback
         print(f"error (rank {ctx.rank}): {e}", file=sys.stderr, flush=True)
         watchdog.stop()
         if lock is not None:

@@ -131,8 +131,8 @@ def _open_shard(index: int, prefix: str, cfg: DataConfig, tokenizer: Tokenizer) 
                 cache_dir=cfg.cache_dir,
                 tokenizer_name=str(tokenizer.path),
             )
-        except (ShardError, ManifestError) as e:
-            raise ValueError(f"data.prefixes[{index}]: {e}") from e
+        except (ShardError, ManifestError) as e:  # one line: pretrain prints it as it is
+            raise ShardError(f"data.prefixes[{index}]: {e}") from e
         documents, tokens = checked.documents, checked.tokens
     else:
         indexed = IndexedDataset(prefix)
