@@ -168,6 +168,8 @@ def test_pipeline_continues_as_generate(
     assert ckpt_cli(["import-hf", str(tmp_path / "hf"), str(tmp_path / "ckpt"), *overrides]) == 0
     ckpt = tmp_path / "ckpt" / "global_step0"
     assert ckpt_cli(["export-hf", str(ckpt), str(tmp_path / "out")]) == 0
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == ours.eod  # transformers' generate stops where ours does
     prompts = ["def main(", " import os\n"]
     rows = _generate_json(ckpt, prompts, 16)
     assert sum(len(r["tokens"]) for r in rows) > 16, rows  # more than a token or two to compare
