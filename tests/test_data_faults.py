@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,11 +22,15 @@ import sentencepiece
 import zstandard
 
 from data_tools import preprocess, shards_cli
+from megatron_llm.checkpoint.__main__ import write_weights_only
+from megatron_llm.config import load_config
 from megatron_llm.data.config import DataConfig
 from megatron_llm.data.dataset import build_datasets
 from megatron_llm.data.indexed import IndexedShard, ShardWriter
 from megatron_llm.data.manifest import manifest_path
 from megatron_llm.data.tokenizer import Tokenizer
+from megatron_llm.eval import __main__ as eval_cli
+from megatron_llm.model import GPT
 from tests.data_fixtures import Corpus, Shard, output_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -216,6 +221,34 @@ def test_readers_refuse_a_corrupt_idx_or_bin_at_start(
         datasets(bare, tok)
 
 
+def test_eval_checks_its_shards_before_scoring(
+    tmp_path: Path, email_shard: Shard, bpe_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    overrides = ["model.style=gpt2", "model.num_layers=1", "model.hidden_size=32"]
+    overrides += ["model.num_heads=2", "model.seq_length=16", f"data.tokenizer={bpe_model}"]
+    cfg = load_config(None, overrides)
+    root = tmp_path / "ckpt"
+    write_weights_only(root, dict(GPT(cfg.model, 512).state_dict()), cfg.to_dict())
+    copy = copy_shard(email_shard.prefix, tmp_path / "email_text_document")
+    manifest_path(copy).parent.mkdir()
+    shutil.copy(manifest_path(email_shard.prefix), manifest_path(copy))
+    original = Path(f"{copy}.bin").read_bytes()
+    Path(f"{copy}.bin").write_bytes(flip(original, len(original) // 2))
+    argv = [str(root), "--data-prefix", copy, "--max-samples", "4", "--json"]
+    assert eval_cli.main(argv) == 2  # it scored the corrupt tokens with exit 0
+    err = errors(capsys.readouterr().err)
+    assert len(err) == 1 and re.search(r"email_text_document\.bin: sha256 .* lists", err[0]), err
+    assert eval_cli.main([*argv, "--no-verify-data"]) == 0
+    # Ids past the model's 512 rows (another tokenizer's shard) are refused before scoring.
+    prefix = str(tmp_path / "wide_text_document")
+    writer = ShardWriter(prefix, np.uint16)
+    writer.add(np.arange(100, 600, dtype=np.uint16), np.array([500]))
+    writer.commit()
+    capsys.readouterr()
+    assert eval_cli.main([str(root), "--data-prefix", prefix, "--json"]) == 2
+    assert "largest token id 599, but the model of" in capsys.readouterr().err
+
+
 # --- 6: token ids outside the vocabulary -----------------------------------------------------
 
 
@@ -261,6 +294,9 @@ def test_numbered_shards_refuse_another_tokenizer(
     assert preprocess.main([*argv, "--output-prefix", str(out), "--shard-size", "60K"]) == 0
     shard = str(tmp_path / "o_text_document_00001")
     datasets(shard, Tokenizer(bpe_model))
+    # Megatron-LM's tools/merge_datasets.py takes every file of the folder for a shard prefix.
+    files = [p for p in tmp_path.iterdir() if p.is_file()]
+    assert files and {p.suffix for p in files} == {".bin", ".idx"}
     lines = [line for d in email_corpus.docs for line in d.split("\n") if line.strip()]
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(lines),
