@@ -164,6 +164,12 @@ def test_stock_tokenizers_take_the_fast_path_with_the_ids_of_whole_documents(
     expected = whole_ids(path, docs)
     assert_exact(tok, docs, expected)
     assert_exact(tok, docs, expected)  # again, from the cache of parts
+    # The cache stays within its bound (it is emptied when full).
+    monkeypatch.setattr(split_encode, "CACHE_PARTS", 100)
+    bounded = Tokenizer(path)
+    assert_exact(bounded, docs, expected)
+    assert_exact(bounded, docs[::-1], expected[::-1])
+    assert 0 < len(bounded._impl.splitting.cache) <= 100
     # Long documents cut into windows at a cut of the split, and no cache.
     monkeypatch.setattr(split_encode, "BATCH_CHARS", 300)
     monkeypatch.setattr(split_encode, "CACHED_PART_CHARS", 0)

@@ -25,7 +25,8 @@ the parts is done on numpy arrays of code points rather than on Python strings: 
 compared with its group's representative, code point by code point, so a hash collision can
 never change the output (it sends the batch down an exact dictionary-based path instead).
 Memory: about 40 bytes per character of a batch of at most BATCH_CHARS characters (a longer
-document is cut into batches at a cut of its split), plus the cache (at most CACHE_CHARS).
+document is cut into batches at a cut of its split), plus the cache (at most CACHE_PARTS
+parts of at most CACHED_PART_CHARS characters).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from itertools import chain
 import numpy as np
 
 BATCH_CHARS = 1 << 20
-CACHE_CHARS = 1 << 24  # characters of remembered parts; the cache is emptied beyond it
-CACHED_PART_CHARS = 256  # longer parts rarely repeat: not remembered
+CACHE_PARTS = 1 << 18  # parts remembered (some 60 MB at most); the cache is emptied beyond it
+CACHED_PART_CHARS = 64  # longer parts rarely repeat: not remembered
 LINE_SPLITS = ("lines", "words", "symbols")
 PRETOKEN_SPLITS = ("gpt2-regex", "cl100k-regex")
 SPLITS = ("documents", *LINE_SPLITS, *PRETOKEN_SPLITS)
@@ -83,7 +84,6 @@ class Splitting:
     prefix: str = ""  # put before every non-empty text before it is cut (see the module doc)
     whole_if: tuple[str, ...] = ()  # a text holding one of these is encoded whole
     cache: dict[str, list[int]] = field(default_factory=dict, repr=False)
-    cached_chars: int = 0
 
     def __post_init__(self) -> None:
         assert self.split in SPLITS, self.split
@@ -100,11 +100,9 @@ class Splitting:
             return found  # type: ignore[return-value]
         new = self.encode_parts(missing)
         short = [(p, ids) for p, ids in zip(missing, new) if len(p) <= CACHED_PART_CHARS]
-        self.cached_chars += sum(len(p) for p, _ in short)
-        if self.cached_chars > CACHE_CHARS:
+        if len(self.cache) + len(short) > CACHE_PARTS:
             self.cache.clear()
-            self.cached_chars = 0
-        self.cache.update(short)
+        self.cache.update(short[:CACHE_PARTS])
         fresh = iter(new)
         return [ids if ids is not None else next(fresh) for ids in found]
 
