@@ -382,6 +382,8 @@ def test_a_full_disk_fails_with_one_line_and_keeps_the_previous_output(
     argv = ["--tokenizer", str(bpe_model), "--output-prefix", str(out), "--workers", "1"]
     assert preprocess.main(["--input", str(small_corpus.jsonl), *argv]) == 0
     before = {p: p.read_bytes() for p in small_disk.rglob("*") if p.is_file()}
+    # What a run killed while writing its manifest leaves (0 bytes): the next run removes it.
+    (small_disk / "manifests" / ".o_text_document.manifest.json.tmp-99-x").write_bytes(b"")
     capsys.readouterr()
     # The email corpus needs ~370 kB of tokens: the 160 kB file system fills up.
     assert preprocess.main(["--input", str(email_corpus.jsonl), *argv]) == 1
@@ -390,3 +392,9 @@ def test_a_full_disk_fails_with_one_line_and_keeps_the_previous_output(
     assert err[0].startswith(f"error: {small_disk}/o_text_document.tmp-") and "ENOSPC" in err[0]
     assert {p: p.read_bytes() for p in small_disk.rglob("*") if p.is_file()} == before
     assert leftovers(small_disk) == []
+    # A read-only file system: the same, with its errno.
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    assert preprocess.main(["--input", str(email_corpus.jsonl), *argv]) == 1
+    err = errors(capsys.readouterr().err)
+    assert len(err) == 1 and "EROFS" in err[0] and str(small_disk) in err[0], err
+    assert {p: p.read_bytes() for p in small_disk.rglob("*") if p.is_file()} == before
