@@ -96,7 +96,8 @@ def test_shards_are_byte_identical_to_megatron_lm_for_its_tokenizer_types(
     for model in models:
         megatron_core_shard(tmp_path / "ref", model, kind, texts)
         flags = ["--tokenizer-type", kind, "--tokenizer-model", str(model), "--append-eod"]
-        out = ["--output-prefix", str(tmp_path / "o"), "--workers", "2"]
+        workers = "2" if kind == "Llama2Tokenizer" else "1"  # the type reaches worker processes
+        out = ["--output-prefix", str(tmp_path / "o"), "--workers", workers]
         megatron_preprocess_data.main(["--input", str(corpus), *out, *flags])
         for ext in (".bin", ".idx"):
             ours = (tmp_path / f"o_text_document{ext}").read_bytes()
