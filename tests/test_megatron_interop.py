@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import warnings
@@ -129,6 +130,12 @@ def test_sentencepiece_tokenizer_type_adds_megatron_specials_after_the_vocabular
     assert lengths.tolist() == [len(e) for e in expected]
     assert tokens.tolist() == [i for e in expected for i in e]
     assert {cls, sep} < set(tok.specials.values())
+    again = pickle.loads(pickle.dumps(tok))  # as a spawned worker process receives it
+    assert (again.tokenizer_type, again.eod, again.specials) == (
+        "SentencePieceTokenizer",
+        eod,
+        tok.specials,
+    )
 
 
 def test_megatron_flags_that_would_write_something_else_are_refused(
