@@ -105,6 +105,16 @@ def test_sequence_parallel_estimate_is_not_the_unsharded_one(measured):
     assert per_block == pytest.approx(SEQ * MICRO * 128 * 4 / 2, rel=0.01)
 
 
+def test_sequence_parallel_block_keeps_only_shards(measured):
+    # Every tensor a GPT block keeps under sequence parallelism is a sequence shard or split by
+    # heads / ffn columns: 16/t units (fp32, no dropout), Korthikanti's 34sbh/t. Measured at
+    # tp=2: 8.03 units. Keeping the column-parallel layers' all-gathered input whole (F.linear
+    # on it) adds 2(1 - 1/t) = 1 unit: 9.03, measured before LinearRegatheringInput.
+    got = measured[(2, True)]
+    per_block = got[(3, 0)]["bytes"] - got[(2, 0)]["bytes"]
+    assert per_block / (SEQ * MICRO * 128 * 4) == pytest.approx(16 / 2, rel=0.01)
+
+
 @pytest.mark.parametrize("pp, micro_batches", [(4, 8), (4, 2), (2, 1), (8, 16)])
 def test_in_flight_micro_batches_follow_deepspeeds_schedule(pp, micro_batches):
     lay = plan.Layout(1, pp, 1, 1, 1, micro_batches, False)

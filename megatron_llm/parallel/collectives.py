@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 SEQ_DIM = 1
 
@@ -103,6 +104,55 @@ class GatherFromSequenceParallel(torch.autograd.Function):
         return _reduce_scatter(grad, ctx.group, SEQ_DIM), None
 
 
+class Regather:
+    """One all-gathered sequence shared by several column-parallel layers (q, k and v; fc_in
+    and fc_gate): the first of their backwards re-gathers the shard, the last lets it go."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group, self.users, self.whole = group, 0, None
+
+    def take(self, shard: torch.Tensor) -> torch.Tensor:
+        whole = self.whole if self.whole is not None else _all_gather(shard, self.group, SEQ_DIM)
+        self.users -= 1
+        self.whole = whole if self.users > 0 else None
+        return whole
+
+
+class LinearRegatheringInput(torch.autograd.Function):
+    """Column-parallel matmul on the all-gathered sequence forward, saving only this rank's
+    sequence shard; backward re-gathers the shard for the weight gradient (Megatron-LM's
+    sequence parallelism). F.linear would keep the whole gathered input, s instead of s/t, per
+    layer. The input gradient is returned whole: ``GatherFromSequenceParallel``'s backward
+    sums it over the layers sharing the gather and reduce-scatters it once, in the same order
+    as before."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        whole: torch.Tensor,
+        shard: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        regather: Regather,
+    ) -> torch.Tensor:
+        regather.users += 1
+        ctx.regather, ctx.has_bias = regather, bias is not None
+        ctx.save_for_backward(shard, weight)
+        return F.linear(whole, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        shard, weight = ctx.saved_tensors
+        whole = ctx.regather.take(shard)
+        # The same products autograd forms for F.linear (grad @ W, grad^T @ x, sum over
+        # tokens), so the gradients are bitwise those of the layer it replaces.
+        grad2d = grad.reshape(-1, grad.shape[-1])
+        grad_input = grad.matmul(weight)
+        grad_weight = grad2d.t().mm(whole.reshape(-1, whole.shape[-1]))
+        grad_bias = grad2d.sum(0) if ctx.has_bias else None
+        return grad_input, None, grad_weight, grad_bias, None
+
+
 class ReduceScatterToSequenceParallel(torch.autograd.Function):
     """Reduce-scatter over the sequence forward, all-gather backward (after a row-parallel op)."""
 
@@ -129,7 +179,23 @@ def scatter_to_sp(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 
 
 def gather_from_sp(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    return GatherFromSequenceParallel.apply(x, group)
+    """The whole sequence for column-parallel layers; it carries its shard (``sequence_shard``)
+    so that ``column_linear`` saves the shard, not the whole."""
+    whole = GatherFromSequenceParallel.apply(x, group)
+    whole.sequence_shard = (x.detach(), Regather(group))
+    return whole
+
+
+def column_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """F.linear for a column-parallel layer: on a gathered sequence (``gather_from_sp``) it
+    keeps only the sequence shard for backward."""
+    carried = getattr(x, "sequence_shard", None)
+    if carried is None:
+        return F.linear(x, weight, bias)
+    shard, regather = carried
+    return LinearRegatheringInput.apply(x, shard, weight, bias, regather)
 
 
 def reduce_scatter_to_sp(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

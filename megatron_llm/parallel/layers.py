@@ -26,6 +26,7 @@ from torch import nn
 
 from megatron_llm.model.gpt import IGNORE, Embedding, Norm
 from megatron_llm.parallel.collectives import (
+    column_linear,
     copy_to_tp,
     gather_from_sp,
     reduce_from_tp,
@@ -93,7 +94,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x if self.entered else self.tp.enter(x)
-        return F.linear(x, self.weight, self.bias)  # (batch, seq, out / tp)
+        return column_linear(x, self.weight, self.bias)  # (batch, seq, out / tp)
 
 
 def enter_once(module: nn.Module, tp: TensorParallel) -> None:
@@ -138,7 +139,7 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_tp(x, self.tp.group)  # every rank contributed its rows
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.tp.enter(x), self.weight)  # (batch, seq, vocab / tp)
+        return column_linear(self.tp.enter(x), self.weight)  # (batch, seq, vocab / tp)
 
 
 class SequenceParallelNorm(Norm):

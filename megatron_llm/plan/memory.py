@@ -28,15 +28,16 @@ Models", arXiv 2205.05198, section 4), in units of u = s*m*h*b bytes per block a
   v, the output and a log-sum-exp, no s x s scores: the paper's selective figure. "math" keeps
   the softmax (a s/(h t) u), plus with attention dropout its 1-byte mask and its output: the
   paper's 5as/(ht) at b=2.
-  Sequence parallelism (t > 1): the norm inputs and dropout masks are sequence shards (/t). Our
-  column-parallel layers keep their all-gathered input whole (Megatron-LM re-gathers it in
-  backward instead): 2(1 - 1/t) u more than the paper, 4sbh(1 - 1/t) bytes at b=2
-  (``sp_gathered_units``); a GPT block with dropout keeps 2 + 15/t u against the paper's 17/t.
+  Sequence parallelism (t > 1): the norm inputs, the norm outputs and the dropout masks are
+  sequence shards (/t). The column-parallel layers keep only the shard of their all-gathered
+  input and gather it again in backward (collectives.LinearRegatheringInput, as Megatron-LM
+  does), so a GPT block with dropout keeps the paper's 17/t u (34sbh/t bytes at b=2).
   Full recompute (a checkpoint around every block): each block keeps only its input, u (u/t
   under sequence parallelism: the input is a sequence shard), and only the micro-batch being
   back-propagated recomputes one block's full set: (L/p) u x in-flight + one block.
   Stage k of a 1F1B pipeline holds min(p - k, accumulation steps) micro-batches in flight.
-  The last stage also keeps the final norm's input and the head's input (2u) and the logits:
+  The last stage also keeps the final norm's input and the head's input (2u; 2u/t under
+  sequence parallelism, where both are sequence shards) and the logits:
   2 * 4*s*m*V/t (fp32 softmax kept by the cross entropy, and its gradient).
 Pipeline buffers (DeepSpeed PipelineEngine, t > 1 or not): the tensor a stage sends is
   c = b*s*m*h/t (a sequence shard under sequence parallelism; without it DeepSpeed partitions
@@ -134,19 +135,13 @@ def block_units(
     h_q, h_kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     shard = t if sp else 1  # what sequence parallelism splits
     mlp = (4 if cfg.activation == "swiglu" else 2) * f / h
-    units = 2 / shard + 2 + ((h_q + 2 * h_kv) / h + h_q / h + mlp) / t
+    units = 4 / shard + ((h_q + 2 * h_kv) / h + h_q / h + mlp) / t
     if cfg.dropout > 0:
         units += 2 / b / shard
     if attention == "math":
         scores = cfg.num_heads * cfg.seq_length / (h * t)
         units += scores * (1 + (1 / b + 1 if cfg.attention_dropout > 0 else 0))
     return units
-
-
-def sp_gathered_units(t: int, sp: bool) -> float:
-    """The part of block_units that Megatron-LM's sequence parallelism would not keep: the two
-    all-gathered column-parallel inputs, whole instead of a 1/t shard."""
-    return 2 * (1 - 1 / t) if sp else 0.0
 
 
 def in_flight(lay: Layout, stage: int) -> int:
@@ -173,14 +168,16 @@ def activation_bytes(
     else:
         kept = layers * block * in_flight(lay, stage)
     if stage == lay.pp - 1:
-        kept += head_activation_bytes(cfg, vocab, lay, precision)
+        kept += head_activation_bytes(cfg, vocab, lay, precision, sp)
     return kept
 
 
-def head_activation_bytes(cfg: ModelConfig, vocab: int, lay: Layout, precision: str) -> float:
+def head_activation_bytes(
+    cfg: ModelConfig, vocab: int, lay: Layout, precision: str, sp: bool
+) -> float:
     """The last stage's final norm and head inputs and its fp32 logits (see the docstring)."""
     unit = cfg.seq_length * lay.micro * cfg.hidden_size * element_bytes(precision)
-    return 2 * unit + 2 * 4 * cfg.seq_length * lay.micro * vocab / lay.tp
+    return 2 * unit / (lay.tp if sp else 1) + 2 * 4 * cfg.seq_length * lay.micro * vocab / lay.tp
 
 
 def pipeline_buffer_bytes(cfg: ModelConfig, lay: Layout, precision: str, stage: int) -> float:
