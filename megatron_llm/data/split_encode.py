@@ -8,9 +8,11 @@ tokenizer decides which, see megatron_llm/data/tokenizer.py and hf_tokenizer.py)
   "words"    also before a run of spaces that follows another character;
   "symbols"  also between an ASCII letter and an ASCII punctuation character, either order;
   "gpt2-regex"    cut before every whitespace character that follows a non-whitespace one, and
-             nowhere else (not at newlines): where GPT-2's pre-tokenizer regex always cuts;
+             where ASCII letters, digits and punctuation (but the apostrophe: 's 't ...) meet,
+             and nowhere else (not after newlines): where GPT-2's pre-tokenizer regex always cuts;
   "cl100k-regex"  the same, except before "\\r" or "\\n" that follow anything but an ASCII
-             letter or digit (that regex keeps "):\\n" together): Llama-3's and GPT-4's regex.
+             letter or digit, and between punctuation and a letter after it (that regex keeps
+             "):\\n" and ".name" together): Llama-3's and GPT-4's regex.
 
 Sentencepiece models with a dummy prefix ("\u2581" before every text) encode their parts
 without it, and the text gets a leading space instead (``Splitting.prefix``): with the identity
@@ -65,6 +67,14 @@ _UNICODE_SPACES = np.array(
     [c for c in range(128, 0x3001) if chr(c).isspace()] + [0x180E, 0x200B, 0x2060, 0xFEFF],
     np.uint32,
 )
+# ASCII letters, digits, punctuation but the apostrophe (contractions: 's 't ...), other.
+_W_LETTER, _W_DIGIT, _W_PUNCT, _W_OTHER = range(4)
+_WORD_CLASS = np.full(129, _W_OTHER, np.uint8)
+for _c in range(33, 127):
+    _WORD_CLASS[_c] = (
+        _W_LETTER if chr(_c).isalpha() else _W_DIGIT if chr(_c).isdigit() else _W_PUNCT
+    )
+_WORD_CLASS[ord("'")] = _W_OTHER
 _ALNUM = np.zeros(129, bool)
 _ALNUM[[c for c in range(128) if chr(c).isalnum()]] = True
 
@@ -228,7 +238,12 @@ def _cuts(points: np.ndarray, split: str) -> np.ndarray:
         if split == "cl100k-regex":
             newline = (points[1:] == ord("\n")) | (points[1:] == ord("\r"))
             inner &= ~newline | _ALNUM[clipped[:-1]]
-        return inner
+        cls = _WORD_CLASS[clipped]
+        before, after = cls[:-1], cls[1:]
+        change = (before != after) & (before != _W_OTHER) & (after != _W_OTHER)
+        if split == "cl100k-regex":
+            change &= ~((before == _W_PUNCT) & (after == _W_LETTER))
+        return inner | change
     cls = _CLASS[np.minimum(points, 128)]
     cls[points == 0x2581] = _SPACE  # sentencepiece's own space symbol, written in the text
     before, after = cls[:-1], cls[1:]
