@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import forward_backward, time_ms  # noqa: E402
 from megatron_llm import kernels  # noqa: E402
 from megatron_llm.kernels import measured, reference  # noqa: E402
 from megatron_llm.training.health import device_peak_tflops  # noqa: E402
@@ -50,38 +49,6 @@ HBM_TBS = {
     "NVIDIA H200 NVL": 4.8,
     "NVIDIA B200": 8.0,
 }
-
-
-def time_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float:
-    for _ in range(2):
-        fn()
-    if device.type != "cuda":
-        samples = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(samples)
-    torch.cuda.synchronize()
-    events = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        events.append((start, end))
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
-
-
-def forward_backward(op: Callable, *inputs: torch.Tensor) -> Callable[[], object]:
-    leaves = [t.detach().requires_grad_(True) for t in inputs]
-
-    def run() -> object:
-        out = op(*leaves)
-        return torch.autograd.grad(out, leaves, torch.ones_like(out))
-
-    return run
 
 
 def ours_available() -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import forward_backward, time_ms  # noqa: E402
 from megatron_llm import kernels  # noqa: E402
 from megatron_llm.kernels import fused  # noqa: E402
 
@@ -46,33 +46,8 @@ PEAKS = [
 ]
 
 
-def time_ms(fn: Callable[[], object], warmup: int = 5, reps: int = 20) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    events = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        events.append((start, end))
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
-
-
 def forward_only(op: Callable, *inputs: torch.Tensor) -> Callable[[], object]:
     return lambda: op(*inputs)
-
-
-def forward_backward(op: Callable, *inputs: torch.Tensor) -> Callable[[], object]:
-    leaves = [t.detach().requires_grad_(True) for t in inputs]
-
-    def run() -> object:
-        out = op(*leaves)
-        return torch.autograd.grad(out, leaves, torch.ones_like(out))
-
-    return run
 
 
 def bench_norms(args: argparse.Namespace, hbm_tbs: float) -> list[dict]:
@@ -99,7 +74,7 @@ def bench_norms(args: argparse.Namespace, hbm_tbs: float) -> list[dict]:
             size = x.numel() * x.element_size()
             for mode, moved in (("fwd", 2 * size), ("fwd+bwd", 5 * size)):
                 run = forward_only if mode == "fwd" else forward_backward
-                ms = {name: time_ms(run(op, *inputs)) for name, op in ops.items()}
+                ms = {name: time_ms(run(op, *inputs), warmup=5) for name, op in ops.items()}
                 gbs = moved / ms["ours"] / 1e6
                 results.append(
                     dict(
@@ -133,8 +108,8 @@ def bench_attention(args: argparse.Namespace) -> list[dict]:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
         ours = lambda q, k, v: kernels.causal_attention(q, k, v, 0.0, "ours")  # noqa: E731
-        ours_ms = time_ms(forward_backward(ours, q, k, v))
-        flash_ms = time_ms(forward_backward(flash, q, k, v))
+        ours_ms = time_ms(forward_backward(ours, q, k, v), warmup=5)
+        flash_ms = time_ms(forward_backward(flash, q, k, v), warmup=5)
         flops = 3.5 * 4 * batch * heads * seq**2 * head_dim / 2
         results.append(
             dict(
