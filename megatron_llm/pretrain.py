@@ -146,6 +146,20 @@ def lock_checkpoint_dir(cfg: Any, rank: int) -> tuple[Any, str | None]:
     return lock, box[0]
 
 
+def refuse(ctx: Any, watchdog: Any, lock: Any, line: str | None, code: int) -> int:
+    """Ends a run that stopped with a known failure: its one line (if this rank prints it), the
+    watchdog and the checkpoint dir's lock released, the group torn down, the exit code."""
+    import torch.distributed as dist
+
+    if line is not None:
+        print(line, file=sys.stderr, flush=True)
+    watchdog.stop()
+    if lock is not None:
+        lock.release()
+    dist.destroy_process_group()
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     from megatron_llm.cluster.supervise import watch_launcher
 
@@ -192,21 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = train(cfg, ctx)
     except SaveFailed as e:  # the same line on every rank; nothing published
-        if ctx.rank == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        watchdog.stop()
-        if lock is not None:
-            lock.release()
-        dist.destroy_process_group()
-        return 1
+        return refuse(ctx, watchdog, lock, f"error: {e}" if ctx.rank == 0 else None, 1)
     except (CheckpointError, ShardError) as e:  # a refused resume, or shards that fail their
         # checks before the first step (megatron_llm/data/shard_checks.py): say why, no traceback
-        print(f"error (rank {ctx.rank}): {e}", file=sys.stderr, flush=True)
-        watchdog.stop()
-        if lock is not None:
-            lock.release()
-        dist.destroy_process_group()
-        return 2
+        return refuse(ctx, watchdog, lock, f"error (rank {ctx.rank}): {e}", 2)
     except Exception as e:
         fail(watchdog, e)
     if lock is not None:
