@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -60,6 +61,10 @@ def os_error_in(error: BaseException) -> OSError | None:
     while e is not None and id(e) not in seen:
         if isinstance(e, OSError):
             return e
+        # safetensors (Rust) keeps only the text: "I/O error: No space left on device (os error 28)"
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code:
+            return OSError(int(code[1]), os.strerror(int(code[1])))
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return None
@@ -118,6 +123,22 @@ def staging_dir(out: str | Path) -> Path:
         return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
     except OSError as e:
         raise write_failed(out, e) from e
+
+
+@contextlib.contextmanager
+def building_dir(out: str | Path) -> Iterator[Path]:
+    """``with building_dir(out) as tmp:`` fill ``tmp``; ``out`` then appears whole, or on any
+    failure not at all (the staging folder removed; a failed write is one WriteFailed line)."""
+    tmp = staging_dir(out)
+    try:
+        yield tmp
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        cause = os_error_in(e)
+        if cause is not None and not isinstance(e, WriteFailed):
+            raise write_failed(out, cause) from e
+        raise
+    publish_dir(tmp, out)
 
 
 def publish_dir(tmp: Path, out: str | Path) -> None:

@@ -395,3 +395,24 @@ def test_the_atomic_writer_on_a_full_disk_keeps_the_old_file_and_no_temporary(tm
         assert (full / "manifest.json").read_text() == "old\n"
     finally:
         subprocess.run(["umount", "-l", str(full)], check=False)
+
+
+def test_export_hf_on_a_full_disk_is_one_line_and_leaves_nothing(
+    corrupt_checkpoint, tmp_path, capsys
+):
+    # The weights do not fit (safetensors reports ENOSPC only in its message text): one line,
+    # no staging folder, no half-written export.
+    from megatron_llm.checkpoint.__main__ import main
+
+    full = tmp_path / "full"
+    _mount_tmpfs(full, "48k")
+    try:
+        args = ["export-hf", str(corrupt_checkpoint), str(full / "hf"), "--no-verify-checkpoint"]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error")]  # no progress bars
+        assert "Traceback" not in err and len(lines) == 1, err
+        assert lines[0].startswith(f"error: {full}/hf: cannot write (ENOSPC: ")
+        assert list(full.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(full)], check=False)

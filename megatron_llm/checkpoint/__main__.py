@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import yaml
 
-from megatron_llm.atomic import WriteFailed, publish_dir, staging_dir
+from megatron_llm.atomic import WriteFailed, building_dir
 from megatron_llm.checkpoint import hf, io
 from megatron_llm.config import ConfigError, from_dict, load_config
 from megatron_llm.config import _apply_override as apply_override
@@ -85,28 +85,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     rows = weights["embed.weight"].shape[0]
     vocab = hf.export_vocab_size(cfg.model, rows, tokenizer.vocab_size if tokenizer else None)
     out = Path(args.out)
-    tmp = staging_dir(out)  # the folder appears whole, or not at all
-    # The tokenizer first: a tokenizer that cannot be expressed stops the export early.
-    ids = write_tokenizer(tokenizer, tmp, cfg.model.seq_length) if tokenizer else {}
-    config = hf.hf_config(cfg.model, vocab, ids)
-    cls = (
-        transformers.GPT2LMHeadModel if cfg.model.style == "gpt2" else transformers.LlamaForCausalLM
-    )
-    model = cls(config)
-    hf.check_state(
-        model, hf_names.to_hf(cfg.model, hf.trim_vocab(weights, vocab)), config.tie_word_embeddings
-    )
-    model.generation_config.update(
-        bos_token_id=ids.get("bos"), eos_token_id=ids.get("eos"), pad_token_id=ids.get("pad")
-    )
-    model.save_pretrained(tmp)
-    (tmp / "megatron_llm.json").write_text(
-        json.dumps(
-            {"checkpoint": str(ckpt.path), "step": ckpt.step, "eod": ids.get("eos")}, indent=2
+    with building_dir(out) as tmp:  # the folder appears whole, or not at all
+        # The tokenizer first: a tokenizer that cannot be expressed stops the export early.
+        ids = write_tokenizer(tokenizer, tmp, cfg.model.seq_length) if tokenizer else {}
+        config = hf.hf_config(cfg.model, vocab, ids)
+        cls = (
+            transformers.GPT2LMHeadModel
+            if cfg.model.style == "gpt2"
+            else transformers.LlamaForCausalLM
         )
-        + "\n"
-    )
-    publish_dir(tmp, out)
+        model = cls(config)
+        hf.check_state(
+            model,
+            hf_names.to_hf(cfg.model, hf.trim_vocab(weights, vocab)),
+            config.tie_word_embeddings,
+        )
+        model.generation_config.update(
+            bos_token_id=ids.get("bos"), eos_token_id=ids.get("eos"), pad_token_id=ids.get("pad")
+        )
+        model.save_pretrained(tmp)
+        (tmp / "megatron_llm.json").write_text(
+            json.dumps(
+                {"checkpoint": str(ckpt.path), "step": ckpt.step, "eod": ids.get("eos")}, indent=2
+            )
+            + "\n"
+        )
     trimmed = f", vocabulary trimmed from {rows} to {vocab} rows" if vocab < rows else ""
     print(f"exported {ckpt.path} (step {ckpt.step}) to {out} as {cls.__name__}{trimmed}")
     return 0
