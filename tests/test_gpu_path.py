@@ -221,6 +221,7 @@ def watched_step_eval_save(argv: list[str]) -> dict:
             loop.evaluate(run)
             StopRequest().reason(1)
             run.save(1)
+            run.saver.wait()  # an asynchronous save's writer thread ends before the ranks do
     finally:
         for name in COLLECTIVES:
             setattr(dist, name, real[name])

@@ -23,6 +23,13 @@ class CheckpointConfig:
     # heartbeat is older than this many seconds (or whose pid is gone on its host) is taken over.
     lock_stale_s: float = 60.0
     lock: bool = True  # false: no lock (only for file systems without hard links)
+    # true: a save blocks the step loop only while this rank's state is copied to host memory
+    # (pinned on a GPU; one extra copy of the rank's state held in RAM); writing, sha256, fsync,
+    # the rename, `latest` and retention run in a background thread while training goes on.
+    # The next save, a stop and the run's end wait for it; if it fails (full disk, non-finite
+    # weights) every rank stops at the next step boundary with the one-line error, exit 1.
+    # false: the loop waits for the whole save.
+    async_save: bool = True
 
     def __post_init__(self) -> None:
         if self.save_interval < 0:

@@ -36,7 +36,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
@@ -75,31 +75,60 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+class _Hashing:
+    """A binary file that checksums the bytes on their way to it: one pass, no read-back.
+
+    A large buffer is hashed on a helper thread while this one writes it (hashlib and the
+    write both release the GIL), so a file costs max(write, sha256), not their sum.
+    """
+
+    PARALLEL_BYTES = 1 << 20  # smaller writes (zip headers) are hashed inline
+
+    def __init__(self, f: IO[bytes], pool: ThreadPoolExecutor) -> None:
+        self._f = f
+        self._pool = pool
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.size += len(view)
+        if len(view) < self.PARALLEL_BYTES:
+            self.sha.update(view)
+            return self._f.write(view)
+        hashed = self._pool.submit(self.sha.update, view)
+        try:
+            return self._f.write(view)
+        finally:
+            hashed.result()  # in order, and before the caller may reuse the buffer
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
 class FolderWriter:
     """Writes the files of a checkpoint folder, each fsynced, and their manifest entries.
 
-    Each file is checksummed on a background thread while the next one is written (hashlib
-    releases the GIL), so the sha256 costs little more than the write itself.
+    Each file's sha256 is computed from the bytes on their way to the file (:class:`_Hashing`),
+    so the checksum costs no second read of the file. Call :meth:`entries` (or :meth:`close`)
+    when done.
     """
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self._pool = ThreadPoolExecutor(max_workers=1)
-        self._pending: dict[str, tuple[int, Future[str]]] = {}
-
-    def _done(self, name: str, f: Any) -> None:
-        f.flush()
-        os.fsync(f.fileno())
-        path = self.folder / name
-        self._pending[name] = (path.stat().st_size, self._pool.submit(sha256_of, path))
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
 
     @contextlib.contextmanager
-    def _file(self, name: str, mode: str) -> Iterator[IO[Any]]:
+    def _file(self, name: str) -> Iterator[_Hashing]:
         path = self.folder / name
         try:
-            with open(path, mode) as f:
-                yield f
-                self._done(name, f)
+            with open(path, "wb") as f:
+                hashing = _Hashing(f, self._pool)
+                yield hashing
+                f.flush()
+                os.fsync(f.fileno())
+            self._entries[name] = {"bytes": hashing.size, "sha256": hashing.sha.hexdigest()}
         except Exception as e:  # a full disk: one line naming the file and the errno
             err = os_error_in(e)
             if err is None:
@@ -107,21 +136,20 @@ class FolderWriter:
             raise write_failed(path, err) from e
 
     def tensors(self, name: str, obj: Any) -> None:
-        with self._file(name, "wb") as f:
+        with self._file(name) as f:
             torch.save(obj, f)
 
     def text(self, name: str, text: str) -> None:
-        with self._file(name, "w") as f:
-            f.write(text)
+        with self._file(name) as f:
+            f.write(text.encode("utf-8"))
 
-    def abort(self) -> None:
-        self._pool.shutdown(cancel_futures=True)
+    def close(self) -> None:
+        self._pool.shutdown()
 
     def entries(self) -> dict[str, dict[str, Any]]:
-        """{file: {bytes, sha256}} of everything written; waits for the checksums."""
-        out = {n: {"bytes": size, "sha256": h.result()} for n, (size, h) in self._pending.items()}
+        """{file: {bytes, sha256}} of everything written; the writer is done."""
         self._pool.shutdown()
-        return out
+        return dict(self._entries)
 
 
 def new_tmp_dir(root: Path, step: int) -> Path:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -31,9 +33,9 @@ UNSAFE = {
 SAFE_MODEL_FIELDS = ("kernels",)
 
 
-def _broadcast(obj: Any) -> Any:
+def _broadcast(obj: Any, group: dist.ProcessGroup | None = None) -> Any:
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 
@@ -47,7 +49,23 @@ def _layout(ctx: ParallelContext, zero_stage: int) -> dict[str, int]:
     }
 
 
-def save(
+@dataclasses.dataclass
+class Snapshot:
+    """One rank's part of a checkpoint, in host memory: all a writer needs, nothing live."""
+
+    root: Path
+    step: int
+    weights: dict[str, torch.Tensor]
+    optim: dict[str, dict[str, torch.Tensor]]
+    rng: dict[str, Any]
+    run_state: dict[str, Any]
+    config: dict[str, Any]
+    layout: dict[str, int]
+    keep_last: int
+    keep_every: int
+
+
+def snapshot(
     engine: Any,
     model: nn.Module,
     ctx: ParallelContext,
@@ -59,26 +77,53 @@ def save(
     keep_last: int = 0,
     keep_every: int = 0,
     names: dict[str, str] | None = None,
-) -> Path:
-    """Save a complete checkpoint for ``step`` atomically; every rank calls this.
+    to_host: Callable[[torch.Tensor], torch.Tensor] = torch.Tensor.cpu,
+) -> Snapshot:
+    """Gather this rank's part of the checkpoint into host memory (collective)."""
+    weights: dict[str, torch.Tensor] = {}
+    optim: dict[str, dict[str, torch.Tensor]] = {}
+    for name, whole in gather_state(engine, ctx, names=names, to_host=to_host):
+        weights[name] = whole["param"]
+        optim[name] = {k: v for k, v in whole.items() if k != "param"}
+    if ctx.device.type == "cuda":
+        torch.cuda.current_stream(ctx.device).synchronize()  # the non-blocking copies landed
+    return Snapshot(
+        root=Path(root),
+        step=step,
+        weights=weights,
+        optim=optim,
+        # Cloned: a stream's state may be a live tensor that the next step advances.
+        rng=_cloned(rng.capture(model)),
+        run_state=run_state,
+        config=config,
+        layout=_layout(ctx, engine.zero_optimization_stage()),
+        keep_last=keep_last,
+        keep_every=keep_every,
+    )
+
+
+def save(engine: Any, model: nn.Module, ctx: ParallelContext, **kwargs: Any) -> Path:
+    """Save a complete checkpoint atomically, waiting for all of it; every rank calls this.
+    Keywords: those of :func:`snapshot`. Raises :class:`SaveFailed` as :func:`write` does."""
+    return write(snapshot(engine, model, ctx, **kwargs), ctx)
+
+
+def write(snap: Snapshot, ctx: ParallelContext, group: dist.ProcessGroup | None = None) -> Path:
+    """Write, checksum, fsync and publish a snapshot; every rank calls this (collective over
+    ``group``, the default group when None: a background writer passes its own).
 
     Raises :class:`SaveFailed` on every rank, with nothing published and the temporary folder
     removed, when any rank's weights are not finite or any file cannot be written (full disk,
     read-only file system): earlier checkpoints and ``latest`` stay as they were.
     """
-    root_path = Path(root)
-    weights: dict[str, torch.Tensor] = {}
-    optim: dict[str, dict[str, torch.Tensor]] = {}
-    for name, whole in gather_state(engine, ctx, names=names):
-        weights[name] = whole["param"]
-        optim[name] = {k: v for k, v in whole.items() if k != "param"}
-    bad = [n for part in _all(ctx, non_finite(weights, optim)) for n in part]
+    step, root_path = snap.step, snap.root
+    bad = [n for part in _all(ctx, non_finite(snap.weights, snap.optim), group) for n in part]
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise SaveFailed(
             f"checkpoint of step {step} not saved: non-finite values (nan or inf) in "
             f"{', '.join(bad[:3])}{more}; the run diverged: resume from the last checkpoint "
-            f"in {root} (--resume auto) with a lower optim.lr, or skip the data"
+            f"in {root_path} (--resume auto) with a lower optim.lr, or skip the data"
         )
     tmp, error = None, None
     if ctx.rank == 0:
@@ -86,27 +131,11 @@ def save(
             tmp = io.new_tmp_dir(root_path, step)
         except OSError as e:
             error = str(write_failed(e.filename or root_path, e))
-    tmp, error = _broadcast((tmp, error))
+    tmp, error = _broadcast((tmp, error), group)
     if error:
         raise SaveFailed(f"checkpoint of step {step} not saved: {error}")
-    writer = io.FolderWriter(tmp)
-    index: dict[str, Any] = {}
-    try:
-        if weights:
-            model_file, optim_file = f"model-{ctx.rank:05d}.pt", f"optim-{ctx.rank:05d}.pt"
-            writer.tensors(model_file, weights)
-            writer.tensors(optim_file, optim)
-            index = {n: {"file": model_file, "shape": list(t.shape)} for n, t in weights.items()}
-        writer.tensors(f"rng-{ctx.rank:05d}.pt", rng.capture(model))
-        if ctx.rank == 0:
-            writer.text("run_state.json", json.dumps(run_state, indent=2) + "\n")
-            writer.text("config.yaml", yaml.safe_dump(config, sort_keys=False))
-        entries = writer.entries()
-    except WriteFailed as e:  # the other ranks learn it below, and nobody publishes
-        writer.abort()
-        entries, error = {}, str(e)
-    del weights, optim
-    pieces = _all(ctx, (entries, index, error))
+    entries, index, error = _write_files(io.FolderWriter(tmp), snap, ctx)
+    pieces = _all(ctx, (entries, index, error), group)
     errors = [part[2] for part in pieces if part[2]]
     final = None
     if ctx.rank == 0 and not errors:
@@ -119,7 +148,7 @@ def save(
                 tmp,
                 root_path,
                 step=step,
-                layout=_layout(ctx, engine.zero_optimization_stage()),
+                layout=snap.layout,
                 optimizer=True,
                 tensors=index,
                 files=files,
@@ -129,13 +158,146 @@ def save(
         except WriteFailed as e:
             errors.append(str(e))
         else:
-            io.prune(root_path, keep_last=keep_last, keep_every=keep_every)
+            io.prune(root_path, keep_last=snap.keep_last, keep_every=snap.keep_every)
     if ctx.rank == 0 and errors:
         shutil.rmtree(tmp, ignore_errors=True)
-    final, errors = _broadcast((str(final) if final else None, errors))
+    final, errors = _broadcast((str(final) if final else None, errors), group)
     if errors:
         raise SaveFailed(f"checkpoint of step {step} not saved: {errors[0]}")
     return Path(final)
+
+
+# A test's hook: called by the writer before its first file (tests/test_async_save.py holds the
+# background writer there, deterministically, while the training loop goes on).
+before_write: Callable[[Snapshot], None] | None = None
+
+
+def _write_files(
+    writer: io.FolderWriter, snap: Snapshot, ctx: ParallelContext
+) -> tuple[dict[str, Any], dict[str, Any], str | None]:
+    """This rank's files: (manifest entries, tensor index, the one-line error or None)."""
+    if before_write is not None:
+        before_write(snap)
+    index: dict[str, Any] = {}
+    try:
+        if snap.weights:
+            model_file, optim_file = f"model-{ctx.rank:05d}.pt", f"optim-{ctx.rank:05d}.pt"
+            writer.tensors(model_file, snap.weights)
+            writer.tensors(optim_file, snap.optim)
+            index = {
+                n: {"file": model_file, "shape": list(t.shape)} for n, t in snap.weights.items()
+            }
+        writer.tensors(f"rng-{ctx.rank:05d}.pt", snap.rng)
+        if ctx.rank == 0:
+            writer.text("run_state.json", json.dumps(snap.run_state, indent=2) + "\n")
+            writer.text("config.yaml", yaml.safe_dump(snap.config, sort_keys=False))
+        return writer.entries(), index, None
+    except WriteFailed as e:  # the other ranks learn it, and nobody publishes
+        writer.close()
+        return {}, {}, str(e)
+
+
+class Saver:
+    """A run's saves: synchronous, or (``asynchronous``) in a background thread per save.
+
+    Asynchronous: :meth:`save` blocks only while this rank's state is copied to host memory
+    (pinned buffers on a GPU, reused from save to save); writing, checksums, fsync, the rename,
+    ``latest`` and retention run in a thread whose collectives use a gloo group of their own,
+    so they never interleave with the training loop's. The next save waits for the previous
+    one; the loop calls :meth:`poll` at each step boundary and :meth:`wait` before it returns,
+    and both raise :class:`SaveFailed` on every rank when the background save failed.
+    """
+
+    def __init__(self, ctx: ParallelContext, *, asynchronous: bool) -> None:
+        self.ctx = ctx
+        self.asynchronous = asynchronous
+        # Collective: every rank builds its Saver at the same point of build_run.
+        self._group = dist.new_group(backend="gloo") if asynchronous else None
+        self._pinned = _PinnedPool()
+        self._thread: threading.Thread | None = None
+        self._failure: str | None = None
+
+    def save(self, engine: Any, model: nn.Module, **kwargs: Any) -> Path:
+        """Save (keywords of :func:`snapshot`); asynchronous: the path it will be published at."""
+        self.wait()
+        if not self.asynchronous:
+            return save(engine, model, self.ctx, **kwargs)
+        self._pinned.rewind()
+        snap = snapshot(engine, model, self.ctx, to_host=self._pinned.copy, **kwargs)
+        self._thread = threading.Thread(
+            target=self._write, args=(snap,), name=f"checkpoint-step{snap.step}", daemon=True
+        )
+        self._thread.start()
+        return snap.root / io.tag_for(snap.step)
+
+    def _write(self, snap: Snapshot) -> None:
+        try:
+            write(snap, self.ctx, self._group)
+        except SaveFailed as e:  # the same line on every rank (write agrees over the group)
+            self._failure = str(e)
+        except Exception as e:  # noqa: BLE001 (anything else: said, and the run stops)
+            self._failure = f"checkpoint of step {snap.step} not saved: {type(e).__name__}: {e}"
+
+    def poll(self) -> None:
+        """At a step boundary (collective): raise SaveFailed on every rank if the background
+        save failed on any; forget it once it is done everywhere."""
+        if self._thread is None:
+            return
+        done = not self._thread.is_alive()
+        flags = torch.tensor(
+            [int(done and self._failure is not None), int(not done)], device=self.ctx.device
+        )
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # no rank goes on alone
+        failed, pending = flags.tolist()  # a host sync, only while a save is in flight
+        if failed or not pending:
+            self.wait()
+
+    def wait(self) -> None:
+        """Until the background save is done; SaveFailed (on every rank) if it failed."""
+        if self._thread is None:
+            return
+        self._thread.join()
+        failure, self._thread, self._failure = self._failure, None, None
+        if failure:
+            raise SaveFailed(failure)
+
+
+def _cloned(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: _cloned(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_cloned(v) for v in obj)
+    return obj
+
+
+class _PinnedPool:
+    """Host buffers for the snapshot, reused from save to save (the previous save is done
+    before the next snapshot starts). On a GPU they are pinned, so the device-to-host copies
+    run at full bus speed without blocking per tensor; on the CPU the copy is a clone (the
+    optimizer's next step would change the live tensor under the writer)."""
+
+    def __init__(self) -> None:
+        self._buffers: list[torch.Tensor] = []
+        self._next = 0
+
+    def rewind(self) -> None:
+        self._next = 0
+
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "cuda":
+            return t.detach().clone()
+        i, self._next = self._next, self._next + 1
+        if i < len(self._buffers) and (
+            self._buffers[i].shape == t.shape and self._buffers[i].dtype == t.dtype
+        ):
+            out = self._buffers[i]
+        else:
+            out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self._buffers[i:] = [out]
+        out.copy_(t, non_blocking=True)
+        return out
 
 
 class SaveFailed(io.CheckpointError):
@@ -147,21 +309,24 @@ def non_finite(
     weights: dict[str, torch.Tensor], optim: dict[str, dict[str, torch.Tensor]]
 ) -> list[str]:
     """Names of the tensors holding nan or inf: a diverged run must not publish them."""
-    bad = []
-    for name, t in weights.items():
-        # One deliberate host sync per tensor, at save time only.
-        if not bool(torch.isfinite(t).all()):
-            bad.append(name)
+    bad = [name for name, t in weights.items() if not _finite(t)]
     for name, states in optim.items():
-        for key, t in states.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                bad.append(f"{name} ({key})")
+        bad += [f"{name} ({key})" for key, t in states.items() if not _finite(t)]
     return bad
 
 
-def _all(ctx: ParallelContext, mine: Any) -> list[Any]:
+def _finite(t: torch.Tensor) -> bool:
+    # min and max are finite iff every value is (nan propagates through both): one reduction
+    # pass and no tensor-sized mask (isfinite().all() took as long as writing the file).
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low) & torch.isfinite(high))  # one host sync per tensor
+
+
+def _all(ctx: ParallelContext, mine: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
     pieces: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(pieces, mine)
+    dist.all_gather_object(pieces, mine, group=group)
     return pieces
 
 

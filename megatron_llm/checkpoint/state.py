@@ -13,7 +13,7 @@ spread: parameter i of a stage is written by the stage's rank ``i mod (tp * dp)`
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -106,24 +106,25 @@ def gather_state(
     *,
     optimizer: bool = True,
     names: Mapping[str, str] | None = None,
+    to_host: Callable[[torch.Tensor], torch.Tensor] = torch.Tensor.cpu,
 ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """(name, {"param", "exp_avg", "exp_avg_sq"}) of the parameters this rank writes.
 
     ``names`` maps the engine's parameter names to the single-device model's (pipeline layers
-    are named by position); the checkpoint always uses the latter. Collective over the stage:
-    every rank must exhaust the iterator.
+    are named by position); the checkpoint always uses the latter. ``to_host`` copies a
+    gathered tensor to host memory (an asynchronous save passes its pinned, reused buffers).
+    Collective over the stage: every rank must exhaust the iterator.
     """
     if optimizer:
         _link_optimizer_views(engine)
     masters = _masters(engine)
     for i, (name, p) in enumerate(engine.module.named_parameters()):
         keys = (None, *OPTIM_KEYS) if optimizer else (None,)
-        # One deliberate device-to-host copy per tensor, after the collectives.
-        whole = {
-            k or "param": _tp_full(_dp_full(engine, p, k, masters), p, ctx).cpu() for k in keys
-        }
+        whole = {k or "param": _tp_full(_dp_full(engine, p, k, masters), p, ctx) for k in keys}
         if writer_of(i, ctx) == ctx.rank:
-            yield (names or {}).get(name, name), whole
+            # One deliberate device-to-host copy per tensor, after the collectives; only the
+            # writer's (the other ranks drop theirs).
+            yield (names or {}).get(name, name), {k: to_host(v) for k, v in whole.items()}
 
 
 def checked_weights(

@@ -116,6 +116,7 @@ def train(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
     try:
         for step in range(run.step + 1, cfg.train.steps + 1):
             record, too_many_bad = measured_step(run, batches, monitor, log, step)
+            run.saver.poll()  # a background save that failed stops every rank here
             summary["losses"].append(record["loss"])
             last = step == cfg.train.steps
             if too_many_bad:
@@ -137,6 +138,7 @@ def train(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
                 if ctx.is_logging_rank:
                     print(f"[preemption] stopped after step {step}: {stopping}", flush=True)
                 break
+        run.saver.wait()  # the last save is published (or its failure raised) before we return
     finally:
         stop.restore_handlers()
         log.close()

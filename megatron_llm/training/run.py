@@ -82,6 +82,7 @@ class Run:
     valid_set: SizedTokenDataset | None
     start: Start
     train_samples: int  # the train set was built for this many (it fixes the shuffle)
+    saver: ckpt_run.Saver  # synchronous or background saves (checkpoint.async_save)
 
     @property
     def step(self) -> int:
@@ -105,7 +106,9 @@ class Run:
         )
 
     def save(self, step: int) -> str:
-        """A checkpoint after ``step`` (collective: every rank calls it); returns its path."""
+        """A checkpoint after ``step`` (collective: every rank calls it); returns its path.
+        With checkpoint.async_save it is published in the background: ``saver.poll`` /
+        ``saver.wait`` report how that went."""
         consumed = self.consumed(step)
         run_state = {
             "step": step,
@@ -116,10 +119,9 @@ class Run:
             **ckpt_run.engine_state(self.engine),
         }
         c = self.cfg.checkpoint
-        path = ckpt_run.save(
+        path = self.saver.save(
             self.engine,
             self.model,
-            self.ctx,
             root=c.dir,
             step=step,
             run_state=run_state,
@@ -194,4 +196,5 @@ def build_run(cfg: RunConfig, ctx: ParallelContext) -> Run:
         valid_set=valid_set,
         start=start,
         train_samples=train_samples,
+        saver=ckpt_run.Saver(ctx, asynchronous=cfg.checkpoint.async_save),
     )
