@@ -224,3 +224,18 @@ def _text(path: Path) -> str:
         return path.read_text()
     except OSError:
         return ""
+
+
+def test_the_sha256_taken_while_writing_is_the_files(tmp_path: Path) -> None:
+    """Large buffers are hashed on a helper thread while written, small ones inline: the
+    manifest entries must equal a separate read of each file (what verify does)."""
+    writer = io.FolderWriter(tmp_path)
+    big = torch.randn(3 << 20, generator=torch.Generator().manual_seed(0))  # 12 MB: helper thread
+    writer.tensors("model-00000.pt", {"big": big, "small": torch.ones(3)})
+    writer.text("run_state.json", '{"step": 1, "note": "é"}\n')
+    entries = writer.entries()
+    assert sorted(entries) == ["model-00000.pt", "run_state.json"]
+    for name, entry in entries.items():
+        path = tmp_path / name
+        assert entry == {"bytes": path.stat().st_size, "sha256": io.sha256_of(path)}, name
+    assert torch.equal(io.load_tensors(tmp_path / "model-00000.pt")["big"], big)
