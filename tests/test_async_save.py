@@ -47,8 +47,8 @@ def _held_writer(argv: list[str]) -> dict[str, Any]:
 
     def observed(run: Any, batches: Any, monitor: Any, log: Any, step: int) -> Any:
         out = real_step(run, batches, monitor, log, step)
-        if step == 3:
-            seen["step3_during_write"] = holding.is_set()  # step 3 done, the writer held
+        if step == 3:  # step 3 is done: the writer of step 2 must be (or get) held, unreleased
+            seen["step3_during_write"] = holding.wait(timeout=60)
             released.set()
         return out
 

@@ -274,9 +274,10 @@ def _cloned(obj: Any) -> Any:
 
 class _PinnedPool:
     """Host buffers for the snapshot, reused from save to save (the previous save is done
-    before the next snapshot starts). On a GPU they are pinned, so the device-to-host copies
-    run at full bus speed without blocking per tensor; on the CPU the copy is a clone (the
-    optimizer's next step would change the live tensor under the writer)."""
+    before the next snapshot starts), so a save after the first allocates and page-faults
+    nothing. On a GPU they are pinned: the device-to-host copies run at full bus speed,
+    queued without a sync per tensor. On the CPU the copy is still needed: the optimizer's
+    next step changes the live tensors under the writer."""
 
     def __init__(self) -> None:
         self._buffers: list[torch.Tensor] = []
@@ -286,17 +287,14 @@ class _PinnedPool:
         self._next = 0
 
     def copy(self, t: torch.Tensor) -> torch.Tensor:
-        if t.device.type != "cuda":
-            return t.detach().clone()
         i, self._next = self._next, self._next + 1
-        if i < len(self._buffers) and (
-            self._buffers[i].shape == t.shape and self._buffers[i].dtype == t.dtype
-        ):
-            out = self._buffers[i]
+        old = self._buffers[i] if i < len(self._buffers) else None
+        if old is not None and old.shape == t.shape and old.dtype == t.dtype:
+            out = old
         else:
-            out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            out = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
             self._buffers[i:] = [out]
-        out.copy_(t, non_blocking=True)
+        out.copy_(t.detach(), non_blocking=t.device.type == "cuda")
         return out
 
 
