@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing.process
 import signal
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -155,10 +156,17 @@ class Encoder:
 
     def _death(self) -> str:
         # exitcode reaps a dead process without waiting (waitpid WNOHANG); survivors are alive.
-        dead = [p for p in self.processes.values() if p.exitcode not in (None, 0)]
+        # The executor's own thread reaps and joins the workers too once one dies, and of two
+        # threads calling waitpid on a pid one sees nothing: wait a moment for the status.
+        # The executor terminates the survivors (SIGTERM) once one dies: name the first one.
+        deadline = time.monotonic() + 5
+        while True:
+            dead = [p for p in self.processes.values() if p.exitcode not in (None, 0)]
+            if any(p.exitcode != -signal.SIGTERM for p in dead) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         if not dead:
             return "a tokenizing worker process died; rerun the same command to resume"
-        # The executor terminates the survivors (SIGTERM) once one dies: name the first one.
         p = min(dead, key=lambda p: p.exitcode == -signal.SIGTERM)
         code = p.exitcode or 0
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
