@@ -7,7 +7,7 @@ One rank, ZeRO 0, fp32. After one training step (so AdamW has its state), it tim
   - ours: megatron_llm.checkpoint.runtime.save (gather whole tensors, torch.save per file with
     the sha256 computed on the way, fsync, rename into place) and the load a resume does
     (verify checksums, memory-map the files, copy weights and AdamW state into the engine);
-  - async: runtime.Saver(asynchronous=True).save, what the step loop waits for (the copy of the
+  - async: saver.Saver(asynchronous=True).save, what the step loop waits for (the copy of the
     state to host memory; the write runs in a background thread), and the whole save to its
     publication (that plus the wait for the thread);
   - baseline: torch.save of the same {name: {param, exp_avg, exp_avg_sq}} dict into one file on
@@ -56,6 +56,7 @@ def main() -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     from megatron_llm.checkpoint import io
     from megatron_llm.checkpoint import runtime as ckpt_run
+    from megatron_llm.checkpoint.saver import Saver
     from megatron_llm.checkpoint.state import gather_state, restore_state
     from megatron_llm.config import load_config
     from megatron_llm.parallel.build import build_model
@@ -97,7 +98,7 @@ def main() -> None:
             keep_last=1,
         )
 
-    saver = ckpt_run.Saver(ctx, asynchronous=True)
+    saver = Saver(ctx, asynchronous=True)
     async_block: list[float] = []
     async_total: list[float] = []
 

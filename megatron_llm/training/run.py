@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from megatron_llm.checkpoint import runtime as ckpt_run
+from megatron_llm.checkpoint.saver import Saver
 from megatron_llm.config import RunConfig
 from megatron_llm.data.sampler import SizedTokenDataset, micro_batches
 from megatron_llm.data.sources import train_and_valid
@@ -82,7 +83,7 @@ class Run:
     valid_set: SizedTokenDataset | None
     start: Start
     train_samples: int  # the train set was built for this many (it fixes the shuffle)
-    saver: ckpt_run.Saver  # synchronous or background saves (checkpoint.async_save)
+    saver: Saver  # synchronous or background saves (checkpoint.async_save)
 
     @property
     def step(self) -> int:
@@ -196,5 +197,5 @@ def build_run(cfg: RunConfig, ctx: ParallelContext) -> Run:
         valid_set=valid_set,
         start=start,
         train_samples=train_samples,
-        saver=ckpt_run.Saver(ctx, asynchronous=cfg.checkpoint.async_save),
+        saver=Saver(ctx, asynchronous=cfg.checkpoint.async_save),
     )
