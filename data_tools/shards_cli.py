@@ -45,7 +45,7 @@ from megatron_llm.data.manifest import (
     shard_prefixes,
     stored_prefix,
 )
-from megatron_llm.data.shard_checks import file_sha256
+from megatron_llm.hashing import file_sha256
 
 COPY_TOKENS = 1 << 24  # merge copies this many tokens at a time: memory stays flat
 

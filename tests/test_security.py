@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from megatron_llm.checkpoint import io
+from megatron_llm.hashing import file_sha256
 from tests.checkpoint_runs import overrides
 from tests.data_fixtures import Shard
 from tests.distributed import run_on_ranks
@@ -77,7 +78,7 @@ def plant(folder: Path, name: str, data: bytes) -> None:
     if name == "manifest.json":
         return
     manifest = json.loads(manifest_path.read_text())
-    manifest["files"][name] = {"bytes": len(data), "sha256": io.sha256_of(folder / name)}
+    manifest["files"][name] = {"bytes": len(data), "sha256": file_sha256(folder / name)}
     manifest_path.write_text(json.dumps(manifest))
 
 

@@ -45,6 +45,7 @@ import yaml
 
 from megatron_llm.atomic import fsync_dir, os_error_in, write_atomic, write_failed
 from megatron_llm.checkpoint import rng
+from megatron_llm.hashing import file_sha256
 
 FORMAT = "megatron_llm-checkpoint"
 VERSION = 1
@@ -65,14 +66,6 @@ def step_of(path: Path) -> int | None:
     if not name.startswith(TAG_PREFIX) or not name[len(TAG_PREFIX) :].isdigit():
         return None
     return int(name[len(TAG_PREFIX) :])
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class _Hashing:
@@ -305,7 +298,7 @@ class Checkpoint:
                     f"{path}: {path.stat().st_size} bytes, the manifest says {entry['bytes']} "
                     "(truncated or overwritten)"
                 )
-            elif checksums and sha256_of(path) != entry["sha256"]:
+            elif checksums and file_sha256(path) != entry["sha256"]:
                 found.append(f"{path}: sha256 differs from the manifest (corrupted)")
         return found
 

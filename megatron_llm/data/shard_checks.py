@@ -36,8 +36,8 @@ from typing import Any
 from megatron_llm.atomic import WriteFailed, write_atomic
 from megatron_llm.data.indexed import ShardError, read_index, structure_problems, token_range
 from megatron_llm.data.manifest import Vouched, find_manifest
+from megatron_llm.hashing import file_sha256
 
-HASH_BLOCK = 1 << 24
 STAMP_VERSION = 1
 log = logging.getLogger(__name__)
 
@@ -49,14 +49,6 @@ class Checked:
     tokens: int
     max_token_id: int  # -1 when the shard holds no tokens
     manifest: Path | None
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_shard(
