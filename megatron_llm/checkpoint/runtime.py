@@ -399,9 +399,7 @@ def _saved_rng(ckpt: io.Checkpoint, ctx: ParallelContext) -> dict[str, Any] | No
         state = ckpt.rng(ctx.rank)
     except io.CheckpointError as e:
         problem = str(e)
-    problems: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(problems, problem)
-    found = [p for p in problems if p is not None]
+    found = [p for p in _all(ctx, problem) if p is not None]
     if found:
         raise io.CheckpointError(found[0] + (f" (and {len(found) - 1} more)" if found[1:] else ""))
     return state
