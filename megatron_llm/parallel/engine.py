@@ -44,7 +44,7 @@ def deepspeed_config(cfg: Any, dp: int) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,  # our loop logs; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     }
-    if precision == "bf16" and cfg.parallel.zero_stage >= 1:
+    if precision == "bf16" and accumulation_dtype(cfg) == torch.float32:
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     return config
 
