@@ -122,6 +122,25 @@ def test_world_size_mismatch_prints_every_factor():
         ValueError, match=r"world size 3 != tp \(2\) x pp \(1\) x dp \(derived = 1\)"
     ):
         ParallelConfig(tp=2).resolve_dp(3)
+    with pytest.raises(ValueError, match=r"tp \(2\) x cp \(2\) x pp \(1\)"):
+        ParallelConfig(tp=2, cp=2).resolve_dp(6)
+    with pytest.raises(ValueError, match="parallel.ep=4 does not divide the data-parallel size 2"):
+        ParallelConfig(tp=2, ep=4).resolve_dp(4)
+
+
+def test_group_layouts_follow_the_tp_cp_dp_pp_rank_order():
+    """Each kind's groups cover every rank once, and rank = t + tp*(c + cp*(d + dp*p))."""
+    from megatron_llm.parallel.groups import group_layouts
+
+    g = group_layouts(ParallelConfig(tp=2, cp=2, pp=2, ep=2), 16)  # dp = 2
+    for kind, groups in g.items():
+        assert sorted(r for ranks in groups for r in ranks) == list(range(16)), kind
+    assert g["tp"][0] == [0, 1] and g["cp"][0] == [0, 2] and g["dp"][0] == [0, 4]
+    assert g["pp"][0] == [0, 8] and g["dp_cp"][0] == [0, 2, 4, 6]
+    assert g["ep"][0] == [0, 4]  # the two dp ranks split the experts
+    assert [0, 2] in g["expert_dp"]  # dp/ep = 1 holder per cp rank: the cp ring reduces
+    plain = group_layouts(ParallelConfig(tp=2, pp=2), 8)
+    assert set(plain) == {"tp", "dp", "pp"} and plain["dp"][0] == [0, 2]
 
 
 def test_global_batch_check():

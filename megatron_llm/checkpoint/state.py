@@ -96,7 +96,7 @@ def local_slice(full: torch.Tensor, p: nn.Parameter, ctx: ParallelContext) -> to
 
 def writer_of(index: int, ctx: ParallelContext) -> int:
     """The global rank that writes parameter ``index`` of this rank's pipeline stage."""
-    per_stage = ctx.tp * ctx.dp
+    per_stage = ctx.tp * ctx.cp * ctx.dp
     return ctx.pp_rank * per_stage + index % per_stage
 
 

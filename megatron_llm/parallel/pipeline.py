@@ -147,7 +147,11 @@ def build_pipeline(model: GPT, ctx: ParallelContext, cfg: RunConfig) -> Pipeline
     return Pipeline(
         layers,
         counts,
-        topology=PipeModelDataParallelTopology(num_pp=ctx.pp, num_mp=ctx.tp, num_dp=ctx.dp),
+        # cp ranks reduce gradients like dp ranks and sit between tp and dp in the rank order,
+        # so DeepSpeed's "data" axis is dp x cp (its data-parallel group = our dp_cp_group).
+        topology=PipeModelDataParallelTopology(
+            num_pp=ctx.pp, num_mp=ctx.tp, num_dp=ctx.dp * ctx.cp
+        ),
         loss_fn=model.loss_fn,
         activation_checkpoint_interval=every,
         activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False),
