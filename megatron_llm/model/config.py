@@ -27,6 +27,66 @@ _LLAMA3_ROPE = {
 
 
 @dataclasses.dataclass(kw_only=True)
+class MoEConfig:
+    """The ``model.moe`` section: mixture-of-experts MLPs (megatron_llm/model/moe.py)."""
+
+    num_experts: int = 0  # routed experts per MoE layer; 0 = a dense model (no MoE layers)
+    top_k: int = 2  # routed experts each token goes to
+    shared_experts: int = 0  # DeepSeek-style experts every token goes through, unweighted
+    # Width of each expert's MLP (fine-grained experts are narrower); null = model.ffn_hidden_size
+    expert_ffn_hidden_size: int | None = None
+    score: Literal["softmax", "sigmoid"] = "softmax"  # router scores over the experts
+    # Routing weights = the chosen k scores divided by their sum (Mixtral, DeepSeek-V3); false
+    # keeps the raw scores (Switch at top-1, Qwen-MoE's norm_topk_prob=false)
+    normalize_top_k: bool = True
+    aux_loss_coeff: float = 0.01  # Switch/GShard load balancing: E * sum_e f_e * P_e
+    z_loss_coeff: float = 0.0  # router z-loss: mean over tokens of logsumexp(logits)^2
+    # Tokens per expert = ceil(factor * tokens * top_k / num_experts), the rest dropped (lowest
+    # router score first, then latest token); null = dropless
+    capacity_factor: float | None = None
+    every: int = 1  # an MoE layer every this many layers (the others dense)
+    first_dense: int = 0  # the first this many layers dense
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 0:
+            raise ValueError(f"model.moe.num_experts={self.num_experts}: must be >= 0 (0 = dense)")
+        if self.num_experts and not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"model.moe.top_k={self.top_k}: must be in [1, model.moe.num_experts="
+                f"{self.num_experts}]"
+            )
+        for name in ("shared_experts", "first_dense"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.moe.{name}={getattr(self, name)}: must be >= 0")
+        if self.every < 1:
+            raise ValueError(f"model.moe.every={self.every}: must be >= 1")
+        if self.expert_ffn_hidden_size is not None and self.expert_ffn_hidden_size < 1:
+            raise ValueError(
+                f"model.moe.expert_ffn_hidden_size={self.expert_ffn_hidden_size}: must be >= 1 "
+                "or null (= model.ffn_hidden_size)"
+            )
+        if self.score not in ("softmax", "sigmoid"):
+            raise ValueError(f"model.moe.score={self.score!r}: must be 'softmax' or 'sigmoid'")
+        for name in ("aux_loss_coeff", "z_loss_coeff"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.moe.{name}={getattr(self, name)}: must be >= 0")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError(
+                f"model.moe.capacity_factor={self.capacity_factor}: must be > 0, or null for "
+                "dropless routing"
+            )
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block ``layer`` (0-based) has an MoE MLP: after the first_dense ones, every
+        ``every``-th (Megatron's moe_layer_freq counted from the first MoE layer)."""
+        return (
+            self.num_experts > 0
+            and layer >= self.first_dense
+            and (layer - self.first_dense) % self.every == 0
+        )
+
+
+@dataclasses.dataclass(kw_only=True)
 class ModelConfig:
     style: Literal["gpt2", "llama"] = "gpt2"  # preset for the fields left null below
     num_layers: int = 2  # transformer blocks
@@ -60,6 +120,7 @@ class ModelConfig:
     # csrc/ kernels: auto (where measured faster, megatron_llm/kernels/measured.py), ours
     # (wherever they fit), torch (never)
     kernels: Literal["auto", "ours", "torch"] = "auto"
+    moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)  # mixture of experts
 
     def __post_init__(self) -> None:
         for name, value in _STYLE_DEFAULTS[self.style].items():
@@ -92,6 +153,8 @@ class ModelConfig:
                 self.ffn_hidden_size = -(-int(8 * self.hidden_size / 3) // 64) * 64
             else:
                 self.ffn_hidden_size = 4 * self.hidden_size
+        if self.moe.expert_ffn_hidden_size is None:
+            self.moe.expert_ffn_hidden_size = self.ffn_hidden_size
         if self.vocab_size is not None and self.vocab_size < 2:
             raise ValueError(f"model.vocab_size={self.vocab_size}: must be >= 2 or null")
         for name in ("dropout", "attention_dropout"):

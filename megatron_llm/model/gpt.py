@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_llm import kernels
 from megatron_llm.model.config import ModelConfig
+from megatron_llm.model.moe import MoE, MoEStats, moe_stats
 from megatron_llm.model.rope import inverse_frequencies
 
 
@@ -167,17 +168,16 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, ffn_hidden_size: int | None = None) -> None:
         super().__init__()
         self.activation = cfg.activation
-        self.fc_in = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=cfg.bias)
+        ffn = ffn_hidden_size or cfg.ffn_hidden_size  # MoE's shared experts have their own
+        self.fc_in = nn.Linear(cfg.hidden_size, ffn, bias=cfg.bias)
         # SwiGLU's gate is its own projection (not fused with fc_in) so both split by columns.
         self.fc_gate = (
-            nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=cfg.bias)
-            if cfg.activation == "swiglu"
-            else None
+            nn.Linear(cfg.hidden_size, ffn, bias=cfg.bias) if cfg.activation == "swiglu" else None
         )
-        self.fc_out = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.bias)
+        self.fc_out = nn.Linear(ffn, cfg.hidden_size, bias=cfg.bias)
         self.residual_outputs = ("fc_out",)  # init_roles: writes into the residual stream
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,13 +186,25 @@ class MLP(nn.Module):
         return self.fc_out(F.gelu(self.fc_in(x), approximate="tanh"))
 
 
+def mlp_for_layer(cfg: ModelConfig, layer: int) -> nn.Module:
+    """Block ``layer``'s MLP: dense, or mixture-of-experts where model.moe puts one (its
+    shared experts, if any, one dense MLP of shared_experts x expert width, as DeepSeek's)."""
+    moe = cfg.moe
+    if not moe.is_moe_layer(layer):
+        return MLP(cfg)
+    shared = (
+        MLP(cfg, moe.shared_experts * moe.expert_ffn_hidden_size) if moe.shared_experts else None
+    )
+    return MoE(cfg, shared)
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.attn_norm = Norm(cfg)
         self.attn = Attention(cfg)
         self.mlp_norm = Norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = mlp_for_layer(cfg, layer)  # MLP or MoE
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
@@ -223,7 +235,7 @@ def init_roles(model: nn.Module) -> dict[str, Init]:
                     roles[name] = Init.ZEROS
                 elif isinstance(child, Norm):
                     roles[name] = Init.ONES
-                elif child_name in residual:
+                elif child_name in residual or key in getattr(child, "residual_parameters", ()):
                     roles[name] = Init.RESIDUAL
                 else:
                     roles[name] = Init.NORMAL
@@ -273,7 +285,7 @@ class GPT(nn.Module):
             # sequence.
             self.scatter_sequence: nn.Module = nn.Identity()
             self.dropout = nn.Dropout(cfg.dropout)
-            self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+            self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
             self.final_norm = Norm(cfg)
             self.head = (
                 None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, vocab_size, bias=False)
@@ -336,6 +348,10 @@ class GPT(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def moe_stats(self) -> dict[str, MoEStats]:
+        """Each MoE layer's last forward's statistics by module name (model/moe.py)."""
+        return moe_stats(self)
 
     def layer_prefixes(self) -> list[str]:
         """The model as a sequence of layers, each by the name prefix of its parameters: the
