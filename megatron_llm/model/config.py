@@ -33,6 +33,7 @@ class MoEConfig:
     num_experts: int = 0  # routed experts per MoE layer; 0 = a dense model (no MoE layers)
     top_k: int = 2  # routed experts each token goes to
     shared_experts: int = 0  # DeepSeek-style experts every token goes through, unweighted
+    shared_expert_gate: bool = False  # Qwen2-MoE: shared output x sigmoid(x @ gate), gate (1, h)
     # Width of each expert's MLP (fine-grained experts are narrower); null = model.ffn_hidden_size
     expert_ffn_hidden_size: int | None = None
     score: Literal["softmax", "sigmoid"] = "softmax"  # router scores over the experts
@@ -58,6 +59,10 @@ class MoEConfig:
         for name in ("shared_experts", "first_dense"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.moe.{name}={getattr(self, name)}: must be >= 0")
+        if self.shared_expert_gate and not self.shared_experts:
+            raise ValueError(
+                "model.moe.shared_expert_gate=true needs model.moe.shared_experts >= 1"
+            )
         if self.every < 1:
             raise ValueError(f"model.moe.every={self.every}: must be >= 1")
         if self.expert_ffn_hidden_size is not None and self.expert_ffn_hidden_size < 1:

@@ -349,9 +349,10 @@ class GPT(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def moe_stats(self) -> dict[str, MoEStats]:
-        """Each MoE layer's last forward's statistics by module name (model/moe.py)."""
-        return moe_stats(self)
+    def moe_stats(self, reset: bool = False) -> dict[str, MoEStats]:
+        """Each MoE layer's statistics summed over the training forwards since the last reset,
+        by module name (model/moe.py's moe_stats)."""
+        return moe_stats(self, reset)
 
     def layer_prefixes(self) -> list[str]:
         """The model as a sequence of layers, each by the name prefix of its parameters: the

@@ -71,12 +71,29 @@ class LocalDispatcher:
 
 @dataclasses.dataclass
 class MoEStats:
-    """One MoE layer's last forward, detached, on the layer's device (no host sync)."""
+    """One MoE layer's routing statistics, detached, on the layer's device (no host sync): of
+    one forward, or summed over the training forwards since the last pop_stats."""
 
     aux_loss: torch.Tensor  # () fp32, the load-balancing loss before its coefficient
     z_loss: torch.Tensor  # () fp32, the router z-loss before its coefficient
     tokens_per_expert: torch.Tensor  # (num_experts,) int64 over GLOBAL experts, before dropping
     dropped: torch.Tensor  # () int64, token-expert assignments dropped over capacity
+    micro_batches: int = 1  # forwards summed here
+
+    def __add__(self, other: MoEStats) -> MoEStats:
+        return MoEStats(
+            aux_loss=self.aux_loss + other.aux_loss,
+            z_loss=self.z_loss + other.z_loss,
+            tokens_per_expert=self.tokens_per_expert + other.tokens_per_expert,
+            dropped=self.dropped + other.dropped,
+            micro_batches=self.micro_batches + other.micro_batches,
+        )
+
+
+def recomputing() -> bool:
+    """Whether this forward is activation checkpointing's recompute: it runs inside backward
+    (an autograd graph task), and its statistics were already counted by the first forward."""
+    return torch._C._current_graph_task_id() >= 0
 
 
 class AuxLossScaler(torch.autograd.Function):
@@ -165,22 +182,37 @@ class MoE(nn.Module):
         self.router = nn.Linear(cfg.hidden_size, cfg.moe.num_experts, bias=False)
         self.experts = GroupedExperts(cfg)
         self.shared = shared  # the shared experts as one dense MLP (model/gpt.py builds it)
+        # Qwen2-MoE's per-token sigmoid gate on the shared experts' output
+        self.shared_gate = (
+            nn.Linear(cfg.hidden_size, 1, bias=False) if cfg.moe.shared_expert_gate else None
+        )
         self.dispatcher: Dispatcher = LocalDispatcher()  # parallel.ep installs the all-to-all
         # Gradient the aux losses start their backward with: the training setup sets it to the
         # loss's own scale (1 / gradient-accumulation steps, times an fp16 loss scale).
         self.aux_grad_scale = 1.0
-        self.stats: MoEStats | None = None
+        self.last_stats: MoEStats | None = None  # the last forward's, training or not
+        self.stats: MoEStats | None = None  # summed over training forwards since pop_stats
+
+    def pop_stats(self) -> MoEStats | None:
+        """The statistics summed since the last call (None if no training forward ran)."""
+        stats, self.stats = self.stats, None
+        return stats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])  # (n, hidden)
         routing = self.route(flat)
-        self.stats = routing.stats
+        self.last_stats = routing.stats
+        if self.training and not recomputing():
+            self.stats = routing.stats if self.stats is None else self.stats + routing.stats
         tokens = flat[routing.token]  # (kept, hidden) sorted by global expert
         local, counts = self.dispatcher.dispatch(tokens, routing.per_expert)
         out = self.dispatcher.combine(self.experts(local, counts))  # (kept, hidden)
         y = self.weighted_sum(out, routing, flat.shape[0])  # (n, hidden)
         if self.shared is not None:
-            y = y + self.shared(flat)
+            shared = self.shared(flat)  # (n, hidden)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(flat)) * shared
+            y = y + shared
         if routing.aux is not None and torch.is_grad_enabled():
             y = AuxLossScaler.apply(y, routing.aux, self.aux_grad_scale)
         return y.view_as(x)
@@ -264,11 +296,14 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 
-def moe_stats(model: nn.Module) -> dict[str, MoEStats]:
-    """Every MoE layer's last statistics by module name (any module: a GPT or a pipeline
-    stage); layers that have not run yet are left out."""
-    return {
-        name: module.stats
-        for name, module in model.named_modules()
-        if isinstance(module, MoE) and module.stats is not None
-    }
+def moe_stats(model: nn.Module, reset: bool = False) -> dict[str, MoEStats]:
+    """Every MoE layer's statistics summed over its training forwards (micro-batches) since the
+    last reset, by module name (any module: a GPT or a pipeline stage); ``reset`` starts the
+    next sums. Layers with no training forward since are left out."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MoE):
+            stats = module.pop_stats() if reset else module.stats
+            if stats is not None:
+                found[name] = stats
+    return found
