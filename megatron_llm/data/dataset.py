@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,10 @@ from megatron_llm.data.tokenizer import Tokenizer
 
 class TokenSamples(torch.utils.data.Dataset):
     """Items are ``torch.LongTensor`` of shape (seq_length + 1,): input = item[:-1], labels =
-    item[1:]. Consecutive documents are packed, each followed by its EOS id."""
+    item[1:]. Consecutive documents are packed, each followed by its EOS id.
+
+    An item is megatron-core's text for that index (tests/test_data*.py compare them), read
+    with one copy: ``sample_tokens``."""
 
     def __init__(self, inner: GPTDataset | BlendedDataset) -> None:
         self.inner = inner
@@ -63,10 +67,60 @@ class TokenSamples(torch.utils.data.Dataset):
         return len(self.inner)
 
     def __getitem__(self, idx: int) -> torch.Tensor:
-        item = self.inner[idx]
-        # megatron-core splits the seq_length + 1 tokens it read into tokens = text[:-1] and
-        # labels = text[1:]; the first token and the labels give the text back.
-        return torch.cat((item["tokens"][:1], item["labels"]))  # (seq_length + 1,)
+        dataset, idx = _gpt_dataset_of(self.inner, idx)
+        return torch.from_numpy(sample_tokens(dataset, idx))  # (seq_length + 1,)
+
+
+def _gpt_dataset_of(inner: GPTDataset | BlendedDataset, idx: int) -> tuple[GPTDataset, int]:
+    """The GPTDataset and its index that item ``idx`` comes from (BlendedDataset.__getitem__'s
+    lookup; its indices are arrays already: _CachedBlendedDataset builds or loads them)."""
+    if isinstance(inner, BlendedDataset):
+        return inner.datasets[int(inner.dataset_index[idx])], int(inner.dataset_sample_index[idx])
+    return inner, idx
+
+
+def sample_ranges(dataset: GPTDataset, idx: int) -> Iterator[tuple[int, int, int]]:
+    """(document, first token, token count) of each piece of sample ``idx``, in order: the
+    sample index's (document index position, offset) pairs of idx and idx + 1, as megatron-core's
+    _query_document_sample_shuffle_indices reads them (seq_length + 1 tokens, the extra one
+    shared with the next sample). A generator: a 32k sample of tiny documents has ~10^4 pieces,
+    and a list of them would outweigh the sample."""
+    if dataset.shuffle_index is None or not dataset.config.add_extra_token_to_sequence:
+        raise ValueError(
+            "sample_ranges: needs a GPTDataset with its indices built (_CachedGPTDataset) and "
+            "add_extra_token_to_sequence=True (build it with build_datasets)"
+        )
+    i = int(dataset.shuffle_index[idx])
+    first, first_offset = (int(x) for x in dataset.sample_index[i])
+    last, last_offset = (int(x) for x in dataset.sample_index[i + 1])
+    lengths = dataset.dataset.sequence_lengths
+    for k in range(first, last + 1):
+        doc = int(dataset.document_index[k])
+        start = first_offset if k == first else 0
+        stop = last_offset + 1 if k == last else int(lengths[doc])
+        yield doc, start, stop - start
+
+
+def sample_tokens(dataset: GPTDataset, idx: int) -> np.ndarray:
+    """Sample ``idx`` as int64, equal to megatron-core's text for it, with ONE copy of the
+    tokens: each piece is a view of the memory-mapped .bin (IndexedDataset's mmap reader),
+    cast straight into the output. megatron-core's item instead concatenates, then slices
+    tokens and labels and builds a loss mask and position ids per sample (about five times the
+    sample's bytes), which matters at 32k+ tokens per sample."""
+    length = dataset.config.sequence_length + 1
+    out = np.empty(length, dtype=np.int64)
+    indexed, at = dataset.dataset, 0
+    for doc, start, count in sample_ranges(dataset, idx):
+        pointer = int(indexed.index[doc][0]) + start * indexed.index.dtype_size
+        out[at : at + count] = indexed.bin_reader.read(indexed.index.dtype, count, pointer)
+        at += count
+    # A short last sample (validation without drop_last) is padded; megatron-core maps the pad
+    # id, and any real token equal to it, to 0 in the item it returns.
+    out[at:] = 0
+    pad = dataset._pad_token_id
+    if pad >= 0:
+        out[out == pad] = 0
+    return out
 
 
 @dataclass(frozen=True)
