@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from megatron_llm.atomic import WriteFailed, building_dir
-from megatron_llm.checkpoint import hf, io
+from megatron_llm.checkpoint import hf, io, shards
 from megatron_llm.config import ConfigError, from_dict, load_config
 from megatron_llm.config import _apply_override as apply_override
 from megatron_llm.data.tokenizer import TokenizerError
@@ -89,11 +89,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         # The tokenizer first: a tokenizer that cannot be expressed stops the export early.
         ids = write_tokenizer(tokenizer, tmp, cfg.model.seq_length) if tokenizer else {}
         config = hf.hf_config(cfg.model, vocab, ids)
-        cls = (
-            transformers.GPT2LMHeadModel
-            if cfg.model.style == "gpt2"
-            else transformers.LlamaForCausalLM
-        )
+        cls = getattr(transformers, hf.class_name(cfg.model))
         model = cls(config)
         hf.check_state(
             model,
@@ -189,7 +185,10 @@ def write_weights_only(root: Path, weights: dict[str, torch.Tensor], config: dic
         step=0,
         layout={"tp": 1, "pp": 1, "dp": 1, "world_size": 1, "zero": 0},
         optimizer=False,
-        tensors={n: {"file": "model-00000.pt", "shape": list(t.shape)} for n, t in weights.items()},
+        tensors={
+            n: {"shape": list(t.shape), "pieces": shards.whole_pieces("model-00000.pt", t.shape)}
+            for n, t in weights.items()
+        },
         files=writer.entries(),
     )
 

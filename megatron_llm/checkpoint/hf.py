@@ -1,4 +1,5 @@
-"""Hugging Face transformers conversion: GPT2LMHeadModel and LlamaForCausalLM, both ways.
+"""Hugging Face transformers conversion: GPT2LMHeadModel and LlamaForCausalLM, both ways
+(MixtralForCausalLM and Qwen2MoeForCausalLM for model.moe: megatron_llm/checkpoint/hf_moe.py).
 
 What converts (logits equal within 1e-5, tested against the real transformers classes):
 - GPT-2: tanh gelu, tied head, any vocabulary; Llama: tied or untied head, grouped-query
@@ -43,6 +44,15 @@ def _require(cond: bool, message: str) -> None:
 # ---- ours -> HF ----------------------------------------------------------------------------
 
 
+def class_name(cfg: ModelConfig) -> str:
+    """The transformers class our model exports as (ConversionError when none can hold it)."""
+    if cfg.moe.num_experts:
+        from megatron_llm.checkpoint import hf_moe
+
+        return hf_moe.class_name(cfg)
+    return "GPT2LMHeadModel" if cfg.style == "gpt2" else "LlamaForCausalLM"
+
+
 def hf_config(cfg: ModelConfig, vocab_size: int, ids: dict[str, int | None]) -> Any:
     """The transformers config of our model; ``ids``: bos/eos/pad token ids (None = unset)."""
     import transformers
@@ -78,7 +88,7 @@ def hf_config(cfg: ModelConfig, vocab_size: int, ids: dict[str, int | None]) -> 
     if cfg.rope_scaling == "llama3":
         scaling = {"rope_type": "llama3"}
         scaling |= {theirs: getattr(cfg, ours) for theirs, ours in LLAMA3_ROPE_KEYS.items()}
-    return transformers.LlamaConfig(
+    common = dict(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.ffn_hidden_size,
@@ -90,10 +100,15 @@ def hf_config(cfg: ModelConfig, vocab_size: int, ids: dict[str, int | None]) -> 
         rms_norm_eps=cfg.norm_eps,
         rope_theta=cfg.rope_theta,
         rope_scaling=scaling,
-        attention_bias=bool(cfg.bias),
-        mlp_bias=bool(cfg.bias),
         tie_word_embeddings=bool(cfg.tie_embeddings),
         **tokens,
+    )
+    if cfg.moe.num_experts:
+        from megatron_llm.checkpoint import hf_moe
+
+        return hf_moe.hf_config(cfg, common)
+    return transformers.LlamaConfig(
+        **common, attention_bias=bool(cfg.bias), mlp_bias=bool(cfg.bias)
     )
 
 
@@ -129,11 +144,18 @@ def padded_rows(cfg: ModelConfig, tp: int) -> int:
 
 def model_fields(hf: Any) -> dict[str, Any]:
     """Our ``model`` section for an HF config; ConversionError naming any unsupported field."""
+    from megatron_llm.checkpoint import hf_moe
+
     if hf.model_type == "gpt2":
         return _gpt2_fields(hf)
+    if hf.model_type == "mixtral":
+        return _llama_fields(hf) | hf_moe.mixtral_fields(hf)
+    if hf.model_type == "qwen2_moe":
+        return _llama_fields(hf) | hf_moe.qwen2_moe_fields(hf)
     _require(
         hf.model_type == "llama",
-        f"model_type {hf.model_type!r}: only gpt2 and llama (LlamaForCausalLM) convert",
+        f"model_type {hf.model_type!r}: only gpt2, llama, mixtral and qwen2_moe (GPT2LMHeadModel, "
+        "LlamaForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM) convert",
     )
     return _llama_fields(hf)
 
@@ -171,7 +193,9 @@ def _gpt2_fields(hf: Any) -> dict[str, Any]:
 
 def _llama_fields(hf: Any) -> dict[str, Any]:
     _require(hf.hidden_act == "silu", f"Llama hidden_act={hf.hidden_act!r}: only silu")
-    attention_bias, mlp_bias = bool(hf.attention_bias), bool(getattr(hf, "mlp_bias", False))
+    # Mixtral has neither field (no biases); Qwen2-MoE's qkv_bias is checked in hf_moe.py.
+    attention_bias = bool(getattr(hf, "attention_bias", False))
+    mlp_bias = bool(getattr(hf, "mlp_bias", False))
     _require(
         attention_bias == mlp_bias,
         f"Llama attention_bias={attention_bias} with mlp_bias={mlp_bias}: our model has one "

@@ -1,4 +1,5 @@
-"""Our parameter names <-> Hugging Face transformers' (GPT2LMHeadModel, LlamaForCausalLM).
+"""Our parameter names <-> Hugging Face transformers' (GPT2LMHeadModel, LlamaForCausalLM,
+MixtralForCausalLM, Qwen2MoeForCausalLM).
 
 The state-dict adapter lives with the model (as torchtitan keeps it): a new model style adds its
 map here. Names map one to one, with two differences:
@@ -6,6 +7,12 @@ map here. Names map one to one, with two differences:
   transpose of ``nn.Linear``;
 - a tied model has no ``head.weight`` of its own (transformers' state dict still lists
   ``lm_head.weight``, the same tensor as the embedding: it is left out).
+- an MoE layer's (model/moe.py) router is HF's ``mlp.gate``; its stacked experts are HF's fused
+  ``mlp.experts.gate_up_proj`` (E, 2 ffn, hidden) = [gate; up] and ``mlp.experts.down_proj``
+  (E, hidden, ffn), the transposes of our ``w_gate``/``w_in`` (E, hidden, ffn) and ``w_out``
+  (E, ffn, hidden) per expert (transformers 5.x holds them so in memory and writes Mixtral's
+  ``experts.N.w1/w2/w3`` files itself). Qwen2-MoE's ``shared_expert`` is our ``mlp.shared`` MLP
+  and its ``shared_expert_gate`` our ``mlp.shared_gate``.
 Vocabulary padding is not handled here (megatron_llm/checkpoint/hf.py pads and trims).
 """
 
@@ -43,6 +50,22 @@ def _layer_map(style: str, i: int) -> dict[str, str]:
     }
 
 
+def _moe_layer_map(i: int) -> dict[str, str]:
+    """An MoE block's names but the stacked experts (fused separately: _experts_to_hf)."""
+    h = f"model.layers.{i}."
+    return _layer_map("llama", i) | {
+        "mlp.router": h + "mlp.gate",
+        "mlp.shared.fc_gate": h + "mlp.shared_expert.gate_proj",
+        "mlp.shared.fc_in": h + "mlp.shared_expert.up_proj",
+        "mlp.shared.fc_out": h + "mlp.shared_expert.down_proj",
+        "mlp.shared_gate": h + "mlp.shared_expert_gate",
+    }
+
+
+def moe_layers(cfg: ModelConfig) -> list[int]:
+    return [i for i in range(cfg.num_layers) if cfg.moe.is_moe_layer(i)]
+
+
 def _top_map(cfg: ModelConfig) -> dict[str, str]:
     if cfg.style == "gpt2":
         return {
@@ -61,11 +84,33 @@ def names(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
     """Our name -> (HF name, transposed) for every parameter but GPT-2's q, k, v."""
     out = {ours: (theirs, False) for ours, theirs in _top_map(cfg).items()}
     for i in range(cfg.num_layers):
-        for ours, theirs in _layer_map(cfg.style, i).items():
+        table = _moe_layer_map(i) if cfg.moe.is_moe_layer(i) else _layer_map(cfg.style, i)
+        for ours, theirs in table.items():
             conv1d = cfg.style == "gpt2" and not ours.endswith("norm")
             out[f"blocks.{i}.{ours}.weight"] = (f"{theirs}.weight", conv1d)
             out[f"blocks.{i}.{ours}.bias"] = (f"{theirs}.bias", False)
     return out
+
+
+def _experts_to_hf(weights: dict[str, Tensor], i: int) -> dict[str, Tensor]:
+    ours, theirs = f"blocks.{i}.mlp.experts.", f"model.layers.{i}.mlp.experts."
+    gate, up = weights[ours + "w_gate"], weights[ours + "w_in"]  # each (E, hidden, ffn)
+    return {
+        # (E, 2 ffn, hidden): HF's experts run linear(x, gate_up_proj[e]).chunk(2) = gate, up
+        theirs + "gate_up_proj": torch.cat([gate, up], dim=2).transpose(1, 2).contiguous(),
+        theirs + "down_proj": weights[ours + "w_out"].transpose(1, 2).contiguous(),  # (E, h, ffn)
+    }
+
+
+def _experts_from_hf(state: dict[str, Tensor], i: int) -> dict[str, Tensor]:
+    ours, theirs = f"blocks.{i}.mlp.experts.", f"model.layers.{i}.mlp.experts."
+    # (E, 2 ffn, hidden) -> (E, hidden, 2 ffn) -> gate, up (E, hidden, ffn)
+    gate, up = state[theirs + "gate_up_proj"].transpose(1, 2).chunk(2, dim=2)
+    return {
+        ours + "w_gate": gate.contiguous(),
+        ours + "w_in": up.contiguous(),
+        ours + "w_out": state[theirs + "down_proj"].transpose(1, 2).contiguous(),  # (E, ffn, h)
+    }
 
 
 def _fused_qkv(cfg: ModelConfig, name: str) -> bool:
@@ -77,10 +122,12 @@ def to_hf(cfg: ModelConfig, weights: dict[str, Tensor]) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     table = names(cfg)
     for name, value in weights.items():
-        if _fused_qkv(cfg, name):
+        if _fused_qkv(cfg, name) or ".mlp.experts." in name:
             continue  # fused below
         theirs, transpose = table[name]
         out[theirs] = (value.t() if transpose else value).contiguous()
+    for i in moe_layers(cfg):
+        out |= _experts_to_hf(weights, i)
     if cfg.style == "gpt2":
         for i in range(cfg.num_layers):
             a = f"blocks.{i}.attn."
@@ -97,6 +144,8 @@ def from_hf(cfg: ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
     for ours, (theirs, transpose) in names(cfg).items():
         if theirs in state:
             out[ours] = (state[theirs].t() if transpose else state[theirs]).contiguous()
+    for i in moe_layers(cfg):
+        out |= _experts_from_hf(state, i)
     if cfg.style == "gpt2":
         for i in range(cfg.num_layers):
             h = f"transformer.h.{i}.attn.c_attn."
