@@ -138,8 +138,9 @@ class GroupedExperts(nn.Module):
 
     def forward(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """tokens (n, hidden) sorted by local expert, counts (local experts,) -> (n, hidden).
-        A loop over the local experts on their contiguous ranges; an expert with no tokens
-        still takes part (empty matmuls) so its gradient is zeros, never missing."""
+        A loop over the local experts on their contiguous ranges. An expert with no tokens
+        still takes part (empty matmuls): when none of a rank's experts gets a token, their
+        gradients are then zeros, not missing (DeepSpeed reduces every parameter's)."""
         # Host sync, deliberate: the split sizes must be known to slice (one per layer).
         sizes = counts.tolist()
         if len(sizes) != self.w_in.shape[0] or sum(sizes) != tokens.shape[0]:
@@ -224,7 +225,7 @@ class MoE(nn.Module):
         k = self.moe.top_k
         rows = out.new_zeros(n * k, out.shape[-1], dtype=torch.float32)
         rows = rows.index_copy(0, routing.slot, out.float() * routing.weight[:, None])
-        return rows.view(n, k, -1).sum(dim=1).to(out.dtype)  # (n, hidden)
+        return rows.view(n, k, out.shape[-1]).sum(dim=1).to(out.dtype)  # (n, hidden)
 
     def route(self, flat: torch.Tensor) -> Routing:
         cfg, n = self.moe, flat.shape[0]
