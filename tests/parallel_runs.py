@@ -193,3 +193,95 @@ def train_layout(overrides: list[str], measure_memory: bool = False) -> dict:
     if measure_memory:
         out["held_bytes"] = held_bytes(engine)
     return out
+
+
+# Mixture of experts (tests/test_moe_parallel.py): a tiny MoE every layer, aux and z-loss on.
+MOE_MODEL = [
+    "model.moe.num_experts=4",
+    "model.moe.top_k=2",
+    "model.moe.aux_loss_coeff=0.01",
+    "model.moe.z_loss_coeff=0.001",
+    "train.steps=3",
+]
+
+
+def moe_layouts(layouts: list[list[str]]) -> list[dict]:
+    return [moe_layout(overrides) for overrides in layouts]
+
+
+def moe_layout(overrides: list[str]) -> dict:
+    """train.steps steps of a tiny MoE on the fixed token stream of train_layout, micro-batch by
+    micro-batch: per-step mean loss and grad norm, each micro-batch's router statistics by
+    global micro-batch index (dp_rank x accum + k), and step 0's gradients of the expert rows
+    and routers this rank holds (read before step() clears them; not under pipelines)."""
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+    from deepspeed.utils import safe_get_full_grad
+
+    from megatron_llm.config import load_config
+    from megatron_llm.model.moe import moe_stats
+    from megatron_llm.parallel.build import build_model
+    from megatron_llm.parallel.engine import build_engine
+    from megatron_llm.parallel.groups import build_context, mean_over_dp
+    from megatron_llm.training.loop import local_grad_norm, train_step
+    from megatron_llm.training.run import seed_everything
+
+    cfg = load_config(None, [*BASE, *MOE_MODEL, *overrides])
+    ctx = build_context(cfg.parallel)
+    built = build_model(cfg, ctx, VOCAB)
+    engine = build_engine(built.module, cfg, ctx)
+    seed_everything(cfg.train.seed + 1 + ctx.dp_rank)
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randint(0, VOCAB, (2, GLOBAL_BATCH, cfg.model.seq_length + 1), generator=gen)
+    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
+    out: dict[str, Any] = {"tp_rank": ctx.tp_rank, "losses": [], "norms": [], "stats": {}}
+    out["grads"] = {}
+    pipelined = isinstance(engine, PipelineEngine)
+
+    def record(step: int, index: int) -> None:
+        for name, s in moe_stats(built.model, reset=True).items():
+            out["stats"][(step, index, name)] = {
+                "aux": float(s.aux_loss),
+                "z": float(s.z_loss),
+                "dropped": int(s.dropped),
+                "tokens": s.tokens_per_expert.numpy().copy(),
+            }
+
+    for step in range(cfg.train.steps):
+        mine = data[step % 2].view(ctx.dp, accum, micro, -1)[ctx.dp_rank]  # (accum, micro, s+1)
+        if pipelined:
+            loss, norm = train_step(engine, iter(mine), accum, ctx.tp_group)
+            record(step, ctx.dp_rank * accum + accum - 1)
+            out["losses"].append(mean_over_dp(loss, ctx))
+            out["norms"].append(norm)
+            continue
+        total, norm = 0.0, None
+        for k in range(accum):
+            loss = engine(mine[k, :, :-1], mine[k, :, 1:])
+            record(step, ctx.dp_rank * accum + k)
+            engine.backward(loss)
+            if k == accum - 1:
+                if step == 0:
+                    out["grads"] = _expert_grads(built.model, safe_get_full_grad)
+                if engine.zero_optimization_stage() == 0:
+                    norm = local_grad_norm(engine, ctx.tp_group)
+            engine.step()
+            total += float(loss.detach()) / accum
+        if engine.get_global_grad_norm() is not None:
+            norm = float(engine.get_global_grad_norm())
+        out["losses"].append(mean_over_dp(torch.tensor(total), ctx))
+        out["norms"].append(norm)
+    return out
+
+
+def _expert_grads(model: torch.nn.Module, full_grad: Any) -> dict[str, tuple[int, Any]]:
+    """(global index of row 0, gradient) of each expert weight and router on this rank."""
+    grads = {}
+    for module_name, module in model.named_modules():
+        if hasattr(module, "router") and hasattr(module, "experts"):
+            grads[f"{module_name}.router.weight"] = (0, module.router.weight)
+            for key, p in module.experts.named_parameters():
+                grads[f"{module_name}.experts.{key}"] = (module.experts.expert_offset, p)
+    return {
+        name: (offset, full_grad(p).detach().float().numpy().copy())
+        for name, (offset, p) in grads.items()
+    }

@@ -91,7 +91,7 @@ def _tp_full(value: torch.Tensor, p: nn.Parameter, ctx: ParallelContext) -> torc
 
 def local_slice(full: torch.Tensor, p: nn.Parameter, ctx: ParallelContext) -> torch.Tensor:
     """This rank's piece of a whole tensor, as the parameter ``p`` of this layout holds it."""
-    return local_part(full, p, ctx.tp_rank, ctx.tp)
+    return local_part(full, p, ctx)
 
 
 def writer_of(index: int, ctx: ParallelContext) -> int:

@@ -34,6 +34,7 @@ from megatron_llm.parallel.collectives import (
     scatter_to_sp,
     tp_shard,
 )
+from megatron_llm.parallel.groups import ParallelContext
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +57,52 @@ class TensorParallel:
         return reduce_from_tp(x, self.group)
 
 
-def local_part(whole: torch.Tensor, p: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    """This rank's part of a whole value of parameter ``p``: its shard where ``p`` is split
-    over tensor parallelism, all of it where ``p`` is replicated."""
-    if size == 1 or not getattr(p, "tensor_model_parallel", False):
-        return whole
-    return tp_shard(whole, p.partition_dim, rank, size)
+def part_index(p: torch.Tensor, shape: torch.Size, ctx: ParallelContext) -> tuple[slice, ...]:
+    """Where this rank's part of parameter ``p`` lies in its whole tensor of ``shape``: the one
+    slice rule for parameters. Expert-parallel parameters (``expert_parallel``, stacked experts
+    with dim 0 the global expert index) keep rows [ep_rank * E/ep, (ep_rank + 1) * E/ep) of dim
+    0; tensor-parallel ones (``tensor_model_parallel``) keep their tp rank's equal slice of
+    ``partition_dim`` (``collectives.tp_shard``'s chunks); replicated ones all of it. Values
+    that fill parameters (parallel/shard.py), checkpoints' reads and writes and reshapes
+    (checkpoint/state.py) all go through here, so every layout agrees on global offsets."""
+    index = [slice(None)] * len(shape)
+    splits = []
+    if ctx.ep > 1 and getattr(p, "expert_parallel", False):
+        splits.append((0, ctx.ep_rank, ctx.ep, "parallel.ep"))
+    if ctx.tp > 1 and getattr(p, "tensor_model_parallel", False):
+        splits.append((p.partition_dim, ctx.tp_rank, ctx.tp, "parallel.tp"))
+    for dim, rank, size, name in splits:
+        if index[dim] != slice(None) or shape[dim] % size:
+            raise ValueError(
+                f"dimension {dim} of a parameter of shape {tuple(shape)} does not split over "
+                f"{name}={size}; choose sizes it divides"
+            )
+        n = shape[dim] // size
+        index[dim] = slice(rank * n, (rank + 1) * n)
+    return tuple(index)
+
+
+def local_part(whole: torch.Tensor, p: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """This rank's part of a whole value of parameter ``p`` (``part_index``): its expert rows
+    and/or tp shard where ``p`` is split, all of it where ``p`` is replicated."""
+    return whole[part_index(p, whole.shape, ctx)]
+
+
+def whole_of(part: torch.Tensor, p: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """The inverse of ``local_part``: this rank's part of a value of ``p`` gathered whole, on
+    the part's device. Collective over the tp group (tensor-parallel ``p``) and the ep group
+    (expert-parallel ``p``): every rank of them must call it for the same parameter."""
+    if ctx.tp > 1 and getattr(p, "tensor_model_parallel", False):
+        part = _gather(part, ctx.tp_group, ctx.tp, p.partition_dim)
+    if ctx.ep > 1 and getattr(p, "expert_parallel", False):
+        part = _gather(part, ctx.ep_group, ctx.ep, 0)
+    return part
+
+
+def _gather(x: torch.Tensor, group: dist.ProcessGroup, size: int, dim: int) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)  # rank order: part_index's slices, concatenated
 
 
 def _shard(p: torch.Tensor, tp: TensorParallel, dim: int) -> nn.Parameter:

@@ -1,4 +1,4 @@
-"""Turn a single-device GPT into this rank's tensor-parallel shard of it.
+"""Turn a single-device GPT into this rank's tensor- and expert-parallel shard of it.
 
 ``shard_model`` swaps a few named layers for their parallel versions (megatron_llm.parallel
 .layers), each keeping this rank's slice of the weight:
@@ -8,6 +8,10 @@
     embedding                              vocab-parallel; the tied head reuses its shard
     loss                                   vocab-parallel cross-entropy (logits never gathered)
     norms, residual dropout                on sequence shards when sequence_parallel
+    MoE routed experts (parallel.ep)       E/ep experts per rank (rows of the stacked weights),
+                                           tokens moved by parallel/experts.py's all-to-all;
+                                           whole on every tp rank; router replicated
+    MoE shared experts                     split over tp like a dense MLP
 
 Training builds the model with its parameters on the meta device, shards it there, and
 ``materialize`` then fills in each rank's slices from whole values handed over one parameter at
@@ -23,6 +27,8 @@ import torch
 from torch import nn
 
 from megatron_llm.model.gpt import GPT
+from megatron_llm.model.moe import MoE
+from megatron_llm.parallel.experts import AllToAllDispatcher
 from megatron_llm.parallel.groups import ParallelContext
 from megatron_llm.parallel.layers import (
     ColumnParallelLinear,
@@ -40,7 +46,21 @@ from megatron_llm.parallel.random import TensorParallelRNG
 
 
 def shard_model(model: GPT, ctx: ParallelContext, *, sequence_parallel: bool, seed: int) -> GPT:
-    """Shard ``model`` in place for this rank's tp group (no-op at tp=1); returns it."""
+    """Shard ``model`` in place for this rank's ep and tp groups (no-op at ep=tp=1); returns it."""
+    moe = [m for m in model.modules() if isinstance(m, MoE)]
+    if moe and sequence_parallel and ctx.tp > 1:
+        raise ValueError(
+            "model.moe with parallel.sequence_parallel=true is not supported: the MoE layer "
+            "routes whole sequences on every tp rank; set parallel.sequence_parallel=false"
+        )
+    if ctx.ep > 1:
+        if not moe:
+            raise ValueError(
+                f"parallel.ep={ctx.ep} needs MoE layers to split; set model.moe.num_experts or "
+                "parallel.ep=1"
+            )
+        for layer in moe:
+            shard_experts(layer, ctx)
     if ctx.tp == 1:
         return model
     model.cfg.check_divisible_by_tp(ctx.tp, sequence_parallel=sequence_parallel)
@@ -56,7 +76,7 @@ def shard_model(model: GPT, ctx: ParallelContext, *, sequence_parallel: bool, se
         model.head = ColumnParallelLinear(model.head, tp)
     model.loss_fn = VocabParallelLoss(model.embed.vocab_start, tp.group)
     for block in model.blocks:
-        attn, mlp = block.attn, block.mlp
+        attn = block.attn
         # Attention and MLP inputs enter the tp region once, shared by their column layers.
         enter_once(attn, tp)
         attn.q, attn.k, attn.v = (
@@ -64,11 +84,11 @@ def shard_model(model: GPT, ctx: ParallelContext, *, sequence_parallel: bool, se
         )
         attn.out = RowParallelLinear(attn.out, tp)
         attn.dropout_rng = rng.fork
-        enter_once(mlp, tp)
-        mlp.fc_in = ColumnParallelLinear(mlp.fc_in, tp, entered=True)
-        if mlp.fc_gate is not None:
-            mlp.fc_gate = ColumnParallelLinear(mlp.fc_gate, tp, entered=True)
-        mlp.fc_out = RowParallelLinear(mlp.fc_out, tp)
+        # An MoE layer's router and routed experts stay whole on every tp rank (each routes
+        # the same replicated tokens the same way); its shared experts split like an MLP.
+        mlp = block.mlp.shared if isinstance(block.mlp, MoE) else block.mlp
+        if mlp is not None:
+            _shard_mlp(mlp, tp)
         if sequence_parallel:
             block.attn_norm = SequenceParallelNorm(block.attn_norm, tp)
             block.mlp_norm = SequenceParallelNorm(block.mlp_norm, tp)
@@ -78,6 +98,36 @@ def shard_model(model: GPT, ctx: ParallelContext, *, sequence_parallel: bool, se
         model.dropout = ForkedDropout(model.dropout.p, rng.fork)
         model.final_norm = SequenceParallelNorm(model.final_norm, tp)
     return model
+
+
+def _shard_mlp(mlp: nn.Module, tp: TensorParallel) -> None:
+    enter_once(mlp, tp)
+    mlp.fc_in = ColumnParallelLinear(mlp.fc_in, tp, entered=True)
+    if mlp.fc_gate is not None:
+        mlp.fc_gate = ColumnParallelLinear(mlp.fc_gate, tp, entered=True)
+    mlp.fc_out = RowParallelLinear(mlp.fc_out, tp)
+
+
+def shard_experts(layer: MoE, ctx: ParallelContext) -> None:
+    """Keep this rank's E/ep experts of ``layer`` (layers.part_index: rows [ep_rank * E/ep,
+    (ep_rank + 1) * E/ep) of each stacked weight, on meta too) and route through the
+    all-to-all. The parameters keep their names: checkpoints stay layout-free."""
+    experts = layer.experts
+    num_experts = layer.router.weight.shape[0]
+    if num_experts % ctx.ep:
+        raise ValueError(
+            f"model.moe.num_experts={num_experts} does not split over parallel.ep={ctx.ep}; "
+            "choose a number of experts divisible by parallel.ep"
+        )
+    for key, p in list(experts._parameters.items()):
+        if p is None:
+            continue
+        p.expert_parallel = True  # dim 0 is the global expert index
+        part = nn.Parameter(local_part(p.detach(), p, ctx).clone(), p.requires_grad)
+        part.__dict__.update(p.__dict__)  # expert_parallel
+        experts._parameters[key] = part
+    experts.expert_offset = ctx.ep_rank * (num_experts // ctx.ep)
+    layer.dispatcher = AllToAllDispatcher(ctx.ep_group, ctx.ep)
 
 
 def materialize(
@@ -113,7 +163,7 @@ def materialize(
                 raise ValueError(f"{source}: no parameter {name} in this model")
             if p.is_meta:  # another stage's
                 continue
-            whole = local_part(whole, p, ctx.tp_rank, ctx.tp)
+            whole = local_part(whole, p, ctx)
             if tuple(whole.shape) != tuple(p.shape):
                 raise ValueError(
                     f"{source}: {name} has shape {tuple(whole.shape)} on this rank, the model "

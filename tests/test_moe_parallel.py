@@ -1,0 +1,133 @@
+"""Expert parallelism on real gloo ranks matches one process (issue 17).
+
+A tiny MoE (4 experts, top-2, load-balancing and z-loss on, every layer) trains 3 steps at ep=2,
+ep=4, ep=2 x tp=2, ep=2 x dp=2 (ZeRO 1 and 2) and ep=2 x pp=2, dropless and with a capacity
+factor that drops tokens. Routing, aux losses and dropping are decided per micro-batch, so the
+reference is one process with gradient accumulation over the same micro-batches (micro-batch i
+of the reference is data-parallel rank i's). Per-step losses and grad norms, each micro-batch's
+aux loss, z-loss, tokens per expert and dropped count, and each rank's step-0 gradients of its
+expert rows and routers must equal the reference's (fp32, 1e-5). Each world size is spawned
+once and trains all its layouts in turn.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.distributed import run_on_ranks
+from tests.parallel_runs import layout, moe_layouts
+
+CAPACITY = "model.moe.capacity_factor=1.0"  # drops: top-2 of 4 experts is never even
+
+
+def _moe(style: str = "llama", capacity: bool = False, **kw) -> list[str]:
+    return layout(style, **kw) + ([CAPACITY] if capacity else [])
+
+
+def _accum(n: int, style: str = "llama", capacity: bool = False) -> list[str]:
+    return _moe(style, capacity, train__grad_accum_steps=n, train__micro_batch_size=4 // n)
+
+
+REFERENCE = {
+    "accum2": _accum(2),
+    "accum2 cap": _accum(2, capacity=True),
+    "accum4": _accum(4),
+    "accum4 cap": _accum(4, capacity=True),
+    "gpt2 accum4": _accum(4, "gpt2"),
+}
+TWO_RANKS = {  # layout name: (its overrides, the reference it must match)
+    "ep2": (_moe(dp=2, zero=1, parallel__ep=2), "accum2"),
+    "ep2 cap": (_moe(dp=2, zero=2, parallel__ep=2, capacity=True), "accum2 cap"),
+}
+FOUR_RANKS = {
+    "ep4 gpt2": (_moe("gpt2", dp=4, zero=1, parallel__ep=4), "gpt2 accum4"),
+    "ep4 cap": (_moe(dp=4, zero=2, parallel__ep=4, capacity=True), "accum4 cap"),
+    "ep2 tp2": (_moe(tp=2, dp=2, zero=1, parallel__ep=2), "accum2"),
+    "ep2 tp2 cap": (_moe(tp=2, dp=2, zero=2, parallel__ep=2, capacity=True), "accum2 cap"),
+    "ep2 dp2 zero1": (_moe(dp=4, zero=1, parallel__ep=2), "accum4"),
+    "ep2 dp2 zero2": (_moe(dp=4, zero=2, parallel__ep=2), "accum4"),
+    "ep2 dp2 zero2 cap": (_moe(dp=4, zero=2, parallel__ep=2, capacity=True), "accum4 cap"),
+    "ep2 pp2": (_moe(dp=2, zero=1, parallel__ep=2, parallel__pp=2), "accum2"),
+    "ep2 pp2 cap": (_moe(dp=2, zero=1, parallel__ep=2, parallel__pp=2, capacity=True), "accum2 cap"),
+}
+
+
+def _by_name(names, per_rank):
+    # per_rank[rank][i] -> {name: [result of rank 0, rank 1, ...]}
+    return {name: [runs[i] for runs in per_rank] for i, name in enumerate(names)}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return dict(zip(REFERENCE, run_on_ranks(1, moe_layouts, list(REFERENCE.values()))[0]))
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    layouts = [overrides for overrides, _ in TWO_RANKS.values()]
+    return _by_name(TWO_RANKS, run_on_ranks(2, moe_layouts, layouts))
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    layouts = [overrides for overrides, _ in FOUR_RANKS.values()]
+    return _by_name(FOUR_RANKS, run_on_ranks(4, moe_layouts, layouts))
+
+
+def _check(ranks, ref):
+    for run in ranks:
+        torch.testing.assert_close(
+            torch.tensor(run["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0
+        )
+        torch.testing.assert_close(
+            torch.tensor(run["norms"]), torch.tensor(ref["norms"]), rtol=1e-5, atol=0
+        )
+    # Every micro-batch's router statistics, on every rank that ran its layer.
+    seen = set()
+    for run in ranks:
+        for key, got in run["stats"].items():
+            want = ref["stats"][key]
+            seen.add(key)
+            assert got["aux"] == pytest.approx(want["aux"], rel=1e-5), key
+            assert got["z"] == pytest.approx(want["z"], rel=1e-5), key
+            assert got["dropped"] == want["dropped"], key
+            np.testing.assert_array_equal(got["tokens"], want["tokens"], err_msg=str(key))
+    assert seen == ref["stats"].keys()
+    # Each rank's step-0 gradient of its experts (rows offset..) and of the router.
+    for run in ranks:
+        for name, (offset, grad) in run["grads"].items():
+            whole = torch.from_numpy(ref["grads"][name][1])
+            expected = whole[offset : offset + grad.shape[0]]
+            torch.testing.assert_close(
+                torch.from_numpy(grad), expected, rtol=1e-5, atol=1e-8, msg=name
+            )
+
+
+@pytest.mark.parametrize("name", list(TWO_RANKS))
+def test_two_ranks_match_single_process(name, two_ranks, reference):
+    _check(two_ranks[name], reference[TWO_RANKS[name][1]])
+
+
+@pytest.mark.parametrize("name", list(FOUR_RANKS))
+def test_four_ranks_match_single_process(name, four_ranks, reference):
+    ranks = four_ranks[name]
+    _check(ranks, reference[FOUR_RANKS[name][1]])
+    if "pp2" not in name:  # a pipeline's step runs whole: its gradients are not read
+        assert all(run["grads"] for run in ranks)
+
+
+def test_expert_rows_are_really_split(two_ranks, four_ranks):
+    # ep=2: each rank holds 2 of the 4 experts, at offsets 0 and 2; ep=4: one each.
+    offsets = {run["grads"]["blocks.0.mlp.experts.w_in"][0] for run in two_ranks["ep2"]}
+    assert offsets == {0, 2}
+    assert {run["grads"]["blocks.0.mlp.experts.w_in"][1].shape[0] for run in two_ranks["ep2"]} == {2}
+    offsets = [run["grads"]["blocks.0.mlp.experts.w_in"][0] for run in four_ranks["ep4 gpt2"]]
+    assert offsets == [0, 1, 2, 3]
+
+
+def test_capacity_drops_tokens_and_reference_learns(reference):
+    dropped = sum(s["dropped"] for s in reference["accum4 cap"]["stats"].values())
+    assert dropped > 0
+    assert sum(s["dropped"] for s in reference["accum4"]["stats"].values()) == 0
+    losses = reference["accum2"]["losses"]
+    assert losses[-1] < losses[0]
