@@ -19,7 +19,7 @@ from megatron_llm.config import ConfigError, load_config
 from megatron_llm.model import GPT, ModelConfig
 from megatron_llm.model.config import MoEConfig
 from megatron_llm.model.gpt import MLP, Init, init_roles, init_values, mlp_for_layer
-from megatron_llm.model.moe import GroupedExperts, MoE
+from megatron_llm.model.moe import GroupedExperts, MoE, set_aux_grad_scale
 from megatron_llm.model.shape import block_parameters, flops_per_token, model_parameters
 
 HIDDEN, FFN = 16, 24
@@ -411,3 +411,36 @@ def test_config_loads_moe_section():
     cfg = load_config(None, ["model.moe.num_experts=8", "model.moe.capacity_factor=1.25"]).model
     assert cfg.moe.num_experts == 8 and cfg.moe.capacity_factor == 1.25
     assert cfg.moe.expert_ffn_hidden_size == cfg.ffn_hidden_size
+
+
+def test_activation_checkpointing_gives_the_same_gradients_aux_included():
+    cfg = moe_cfg("gpt2", top_k=2, aux_loss_coeff=0.1, z_loss_coeff=0.01, capacity_factor=1.0)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(5))
+    grads = []
+    for every in (0, 1):
+        torch.manual_seed(0)
+        model = GPT(cfg, 64)
+        set_aux_grad_scale(model, 0.5)
+        model.checkpoint_every = every
+        model(ids, ids).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=0, rtol=0, msg=name)
+    assert model.blocks[0].mlp.aux_grad_scale == 0.5
+
+
+def deepspeed_moe_run(overrides: list[str]) -> dict:
+    from tests.parallel_runs import layout, train_layout
+
+    return train_layout(layout("llama", **{"train__steps": 4}) + overrides)
+
+
+def test_tiny_moe_gpt_trains_in_a_real_deepspeed_engine():
+    from tests.distributed import run_on_ranks
+
+    moe = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.capacity_factor=1.0"]
+    out = run_on_ranks(1, deepspeed_moe_run, moe)[0]
+    losses = [float(x) for x in out["losses"]]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.1, losses
+    for name in ("router.weight", "experts.w_in", "experts.w_gate", "experts.w_out"):
+        assert abs(out["grads"][f"blocks.1.mlp.{name}"]).sum() > 0, name

@@ -297,6 +297,16 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 
+def set_aux_grad_scale(model: nn.Module, scale: float) -> None:
+    """Start every MoE layer's aux-loss backward with ``scale``: the factor the training loss
+    itself is scaled by before backward (1 / gradient-accumulation steps under DeepSpeed, which
+    divides the loss by them; times the fp16 loss scale), so the coefficients weigh the aux
+    losses against the mean loss as configured."""
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.aux_grad_scale = scale
+
+
 def moe_stats(model: nn.Module, reset: bool = False) -> dict[str, MoEStats]:
     """Every MoE layer's statistics summed over its training forwards (micro-batches) since the
     last reset, by module name (any module: a GPT or a pipeline stage); ``reset`` starts the
