@@ -17,7 +17,7 @@ from megatron_llm.eval.perplexity import perplexity, validation_loss
 from megatron_llm.parallel.engine import engine_device
 from megatron_llm.parallel.groups import ParallelContext, mean_over_dp
 from megatron_llm.training.health import StepMonitor
-from megatron_llm.training.metrics import MetricsLog
+from megatron_llm.training.metrics import MetricsLog, moe_metrics
 from megatron_llm.training.preemption import StopRequest
 from megatron_llm.training.run import Run, build_run
 
@@ -158,6 +158,8 @@ def measured_step(
     log.count_tokens(run.global_batch * cfg.model.seq_length)
     consumed = run.consumed(step)
     record: dict[str, Any] = {"step": step, "loss": loss, "consumed_samples": consumed}
+    if cfg.model.moe.num_experts:  # collective on every rank; starts the next step's sums
+        record.update(moe_metrics(engine.module, run.ctx))
     health, too_many_bad = monitor.check(loss, grad_norm, engine.skipped_steps)
     record.update(health)
     if step % cfg.logging.interval == 0 or step in (run.step + 1, cfg.train.steps) or health:

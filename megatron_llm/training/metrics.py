@@ -1,5 +1,19 @@
 """Per-step metrics on the logging rank: the console, <logging.dir>/metrics.jsonl (one JSON
-record per step) and TensorBoard event files in <logging.dir>/tensorboard."""
+record per step) and TensorBoard event files in <logging.dir>/tensorboard.
+
+Mixture-of-experts runs (model.moe) add, every step, over the whole global batch (every
+micro-batch, dp/cp rank and pipeline stage; moe_metrics):
+    moe_aux_loss            load-balancing loss (before its coefficient), mean over MoE layers,
+                            micro-batches and ranks: 1 when balanced, num_experts when collapsed
+    moe_z_loss              router z-loss (before its coefficient), mean likewise
+    moe_tokens_per_expert_min / _max   fewest / most token assignments any expert of any MoE
+                            layer got in the step (before capacity dropping)
+    moe_imbalance           max over MoE layers of (most assignments of an expert / mean over
+                            the layer's experts): 1 when balanced, the worst layer's
+    moe_dropped_tokens      token-expert assignments dropped over capacity, summed over layers
+                            (0 when dropless)
+    moe_dropped_fraction    moe_dropped_tokens / all assignments of the step
+"""
 
 from __future__ import annotations
 
@@ -9,7 +23,58 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
+from torch import nn
+
 from megatron_llm.atomic import write_atomic
+from megatron_llm.model.moe import moe_stats
+from megatron_llm.parallel.groups import ParallelContext
+
+
+def moe_metrics(module: nn.Module, ctx: ParallelContext) -> dict[str, float]:
+    """The step's MoE fields (module docstring), from the MoE layers' statistics summed since
+    the last call, which starts the next step's sums. Collective: every rank calls it each step.
+    Tokens are counted before dispatch on the rank that holds them, so counts sum over the dp
+    (with ep inside) and cp ranks, never over tp (its ranks route the same tokens); each stage
+    reduces its own layers, and the pipeline group joins the stages."""
+    found = list(moe_stats(module, reset=True).values())
+    device = ctx.device
+    data = ctx.dp_cp_group if ctx.dp * ctx.cp > 1 else None
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # aux, z, dropped, assignments
+    extremes = torch.full((3,), -math.inf, dtype=torch.float64, device=device)  # max, -min, imb.
+    if found:
+        counts = torch.stack([s.tokens_per_expert for s in found]).double()  # (layers, experts)
+        # aux and z are means over each forward's tokens: averaged over forwards and ranks
+        batches = torch.tensor([s.micro_batches for s in found], dtype=torch.float64)
+        losses = torch.stack([torch.stack([s.aux_loss, s.z_loss]) for s in found]).double()
+        losses = losses / batches.to(device)[:, None] / max(ctx.dp * ctx.cp, 1)
+        dropped = torch.stack([s.dropped for s in found]).double().sum()
+        local = torch.cat([losses.sum(dim=0), dropped[None], counts.sum()[None]])
+        if data is not None:
+            dist.all_reduce(counts, group=data)  # the layer's whole-batch counts
+            dist.all_reduce(local, group=data)
+        sums = local
+        imbalance = counts.max(dim=1).values / counts.mean(dim=1).clamp(min=1e-12)
+        extremes = torch.stack([counts.max(), -counts.min(), imbalance.max()])
+    layers = torch.tensor([float(len(found))], dtype=torch.float64, device=device)
+    sums = torch.cat([sums, layers])
+    if ctx.pp > 1:
+        dist.all_reduce(sums, group=ctx.pp_group)
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=ctx.pp_group)
+    aux, z, dropped, assignments, n = sums.tolist()  # host sync: once per step, for the record
+    most, fewest, imbalance = extremes.tolist()
+    if not n:
+        return {}
+    return {
+        "moe_aux_loss": aux / n,
+        "moe_z_loss": z / n,
+        "moe_tokens_per_expert_min": -fewest,
+        "moe_tokens_per_expert_max": most,
+        "moe_imbalance": imbalance,
+        "moe_dropped_tokens": dropped,
+        "moe_dropped_fraction": dropped / max(assignments, 1.0),
+    }
 
 
 class MetricsLog:
@@ -88,6 +153,11 @@ class MetricsLog:
             parts.append(f"MFU {100 * record['mfu']:.1f}%")
         if "peak_memory_gb" in record:
             parts.append(f"mem {record['peak_memory_gb']:.2f} GB")
+        if "moe_aux_loss" in record:
+            parts.append(
+                f"moe aux {record['moe_aux_loss']:.3f} imbalance {record['moe_imbalance']:.2f}"
+                f" dropped {record['moe_dropped_fraction']:.1%}"
+            )
         if "skipped_steps" in record:
             parts.append(f"skipped {record['skipped_steps']}")
         if "val_loss" in record:

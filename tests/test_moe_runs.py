@@ -1,0 +1,182 @@
+"""MoE runs of the real training loop on gloo ranks (issue 17): the step metrics against a
+routing computed by hand, bitwise resume at ep=2, and reshapes ep=2 -> 1 and ep=1 -> 4.
+
+The runs start from one weights-only checkpoint of a model made here (routers spread, so that
+every expert and the top-k matter), so the first step's routing is known without the loop:
+the hand reference runs that model's blocks on the step's batches and routes each MoE layer's
+input through its router weight, with none of model/moe.py's code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.checkpoint_runs import overrides
+from tests.data_fixtures import Shard
+from tests.distributed import run_on_ranks
+
+EXPERTS, TOP_K = 4, 2
+MOE = [
+    "model.style=llama",
+    "model.num_kv_heads=2",
+    f"model.moe.num_experts={EXPERTS}",
+    f"model.moe.top_k={TOP_K}",
+    "model.moe.z_loss_coeff=0.001",
+    "parallel.zero_stage=1",
+]
+
+
+def _init_checkpoint(root: Path, bpe_model: Path, *extra: str) -> tuple[str, Any]:
+    """A weights-only checkpoint (routers drawn with std 1) and the model it holds."""
+    from megatron_llm.checkpoint.__main__ import write_weights_only
+    from megatron_llm.config import load_config
+    from megatron_llm.data.tokenizer import Tokenizer
+    from megatron_llm.model.gpt import GPT
+    from tests.checkpoint_runs import TINY
+
+    cfg = load_config(None, [*TINY, *MOE, *extra, f"data.tokenizer={bpe_model}"])
+    torch.manual_seed(3)
+    model = GPT(cfg.model, cfg.model.padded_vocab_size(Tokenizer(str(bpe_model)).vocab_size))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("router.weight"):
+                p.normal_(0.0, 1.0)
+    weights = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    return str(write_weights_only(root, weights, cfg.to_dict())), model
+
+
+def moe_run(argv: list[str]) -> dict[str, Any]:
+    """The real loop; its summary, metrics records (logging rank) and this rank's micro-batches
+    of step 1 (the loop and data untouched, the batches observed)."""
+    import megatron_llm.training.loop as loop
+    import megatron_llm.training.run as assembly
+    from megatron_llm.config import load_config
+    from megatron_llm.parallel.groups import build_context
+
+    cfg = load_config(None, argv)
+    ctx = build_context(cfg.parallel)
+    first: list[Any] = []  # numpy: tensors do not survive the trip back from a rank
+    real = assembly.micro_batches
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        for batch in real(*args, **kwargs):
+            if len(first) < cfg.train.grad_accum_steps:
+                first.append(batch.numpy().copy())
+            yield batch
+
+    assembly.micro_batches = recording
+    try:
+        summary = loop.train(cfg, ctx)
+    finally:
+        assembly.micro_batches = real
+    summary["first_step_batches"] = first
+    metrics = Path(cfg.logging.dir) / "metrics.jsonl"
+    if ctx.is_logging_rank:
+        summary["records"] = [json.loads(line) for line in metrics.open()]
+    return summary
+
+
+def moe_runs(runs: list[list[str]]) -> list[dict[str, Any]]:
+    import torch.distributed as dist
+
+    results = []
+    for argv in runs:
+        results.append(moe_run(argv))
+        dist.barrier()
+    return results
+
+
+def reference_step(model: Any, batches: list[torch.Tensor], capacity: float | None) -> dict:
+    """The step's MoE metrics by hand: each batch through the model, each MoE layer's input
+    routed by its router weight (softmax, top-k), counted, dropped over capacity."""
+    inputs: dict[int, list[torch.Tensor]] = {}
+    hooks = [
+        block.mlp.register_forward_pre_hook(
+            lambda _m, args, i=i: inputs.setdefault(i, []).append(args[0].detach())
+        )
+        for i, block in enumerate(model.blocks)
+    ]
+    with torch.no_grad():
+        for tokens in batches:
+            model.eval()(tokens[:, :-1])
+    for h in hooks:
+        h.remove()
+    aux, z, dropped, counts = [], [], 0, []
+    for i, xs in sorted(inputs.items()):
+        router = model.blocks[i].mlp.router.weight.double()
+        total = torch.zeros(EXPERTS, dtype=torch.float64)
+        for x in xs:
+            flat = x.reshape(-1, x.shape[-1]).double()
+            logits = flat @ router.t()  # (n, E)
+            probs = logits.softmax(dim=-1)
+            chosen = probs.topk(TOP_K, dim=-1).indices.flatten()
+            count = torch.bincount(chosen, minlength=EXPERTS).double()
+            total += count
+            share = count / (flat.shape[0] * TOP_K)
+            aux.append(EXPERTS * (share * probs.mean(dim=0)).sum().item())
+            z.append(torch.logsumexp(logits, dim=-1).square().mean().item())
+            if capacity is not None:
+                cap = math.ceil(capacity * flat.shape[0] * TOP_K / EXPERTS)
+                dropped += (count - cap).clamp(min=0).sum().item()
+        counts.append(total)
+    stacked = torch.stack(counts)  # (layers, E)
+    return {
+        "moe_aux_loss": sum(aux) / len(aux),
+        "moe_z_loss": sum(z) / len(z),
+        "moe_tokens_per_expert_min": stacked.min().item(),
+        "moe_tokens_per_expert_max": stacked.max().item(),
+        "moe_imbalance": (stacked.max(dim=1).values / stacked.mean(dim=1)).max().item(),
+        "moe_dropped_tokens": dropped,
+        "moe_dropped_fraction": dropped / stacked.sum().item(),
+    }
+
+
+def _args(run_dir: Path, shard: Shard, bpe_model: Path, *extra: str) -> list[str]:
+    return overrides(str(run_dir), shard.prefix, str(bpe_model), *MOE, *extra)
+
+
+def test_step_metrics_equal_a_routing_by_hand(
+    tmp_path: Path, email_shard: Shard, bpe_model: Path
+) -> None:
+    """dp=2 x ep=2 and dp=2 x ep=1, dropless and with capacity factor 1 (dropping), two
+    micro-batches per rank: the first step's aux loss, z-loss, tokens per expert, imbalance and
+    dropped tokens (metrics.jsonl and TensorBoard) equal the hand reference over every rank's
+    batches."""
+    cases = {"ep2": (2, None), "ep1": (1, None), "ep2-capacity": (2, 1.0)}
+    runs, models = [], {}
+    for name, (ep, capacity) in cases.items():
+        extra = [] if capacity is None else [f"model.moe.capacity_factor={capacity}"]
+        init, models[name] = _init_checkpoint(tmp_path / name / "init", bpe_model, *extra)
+        common = ["train.steps=2", "train.grad_accum_steps=2", "train.micro_batch_size=2"]
+        common += ["parallel.dp=2", f"parallel.ep={ep}", f"checkpoint.init_from={init}"]
+        common += ["checkpoint.save_at_end=false", *extra]
+        runs.append(_args(tmp_path / name, email_shard, bpe_model, *common))
+    per_rank = run_on_ranks(2, moe_runs, runs)
+    for i, (name, (_ep, capacity)) in enumerate(cases.items()):
+        batches = [torch.from_numpy(b) for r in per_rank for b in r[i]["first_step_batches"]]
+        expected = reference_step(models[name], batches, capacity)
+        assert (expected["moe_dropped_tokens"] > 0) == (capacity is not None)  # drops, or not
+        record = per_rank[0][i]["records"][0]
+        assert record["step"] == 1
+        for key, value in expected.items():
+            assert record[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, key)
+        tb = _tensorboard(tmp_path / name / "tensorboard")
+        for key in expected:
+            assert tb[f"train/{key}"][1] == pytest.approx(record[key], rel=1e-6), (name, key)
+
+
+def _tensorboard(folder: Path) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    scalars: dict[str, dict[int, float]] = {}
+    for path in folder.glob("events.out.tfevents.*"):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.tensor.float_val[0]
+    return scalars
