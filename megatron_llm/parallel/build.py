@@ -26,6 +26,7 @@ from torch import nn
 
 from megatron_llm.checkpoint.state import checked_weights
 from megatron_llm.model.gpt import GPT, init_values
+from megatron_llm.parallel.context import install_context
 from megatron_llm.parallel.groups import ParallelContext
 from megatron_llm.parallel.pipeline import build_pipeline, global_names, stage_parameter_names
 from megatron_llm.parallel.shard import materialize, shard_model
@@ -89,6 +90,7 @@ def build_model(
     model = shard_model(
         model, ctx, sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.train.seed
     )
+    model = install_context(model, cfg, ctx)  # cp: ring attention, positions, loss
     only = stage_parameter_names(model, ctx, cfg) if ctx.pp > 1 else None
     materialize(model, values, ctx, source, only)
     model.checkpoint_every = cfg.train.activation_checkpointing

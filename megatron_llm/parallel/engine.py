@@ -25,12 +25,14 @@ if TYPE_CHECKING:
     from megatron_llm.config import RunConfig
 
 
-def deepspeed_config(cfg: Any, dp: int) -> dict[str, Any]:
+def deepspeed_config(cfg: Any, dp: int, cp: int = 1) -> dict[str, Any]:
     """The DeepSpeed JSON config for a RunConfig; the run config stays the single source."""
     global_batch = cfg.train.check_global_batch(dp)
     precision = cfg.train.precision
     config: dict[str, Any] = {
-        "train_batch_size": global_batch,
+        # DeepSpeed counts every rank of its data-parallel group (dp x cp) as taking micro-
+        # batches of its own; the cp ranks share theirs, so its "batch" is ours times cp.
+        "train_batch_size": global_batch * cp,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum_steps,
         "gradient_clipping": cfg.optim.grad_clip,
@@ -195,7 +197,7 @@ def build_engine(model: nn.Module, cfg: RunConfig, ctx: ParallelContext) -> Deep
             model=model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=deepspeed_config(cfg, ctx.dp),
+            config=deepspeed_config(cfg, ctx.dp, ctx.cp),
             mpu=None if pipelined else ctx,  # a PipelineModule brings its own grid of groups
         )
     return engine

@@ -229,9 +229,11 @@ def group_layouts(cfg: ParallelConfig, world: int) -> dict[str, list[list[int]]]
 
 
 def mean_over_dp(value: torch.Tensor, ctx: ParallelContext) -> float:
+    """The mean of a per-rank value (a loss) over the dp and cp ranks: a cp rank's loss is its
+    share of the micro-batch's (parallel/context.py ContextLoss), so their mean is the whole."""
     # gloo has no AVG reduction: sum, then divide.
     value = value.detach().float().clone()
-    if ctx.dp > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=ctx.dp_group)
-        value /= ctx.dp
+    if ctx.dp * ctx.cp > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=ctx.dp_cp_group)
+        value /= ctx.dp * ctx.cp
     return value.item()

@@ -1,0 +1,110 @@
+"""Context-parallel runs for tests/test_context_parallel.py, executed on spawned gloo ranks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def ring_against_full(cp: int, dtype: str = "float64") -> dict[str, Any]:
+    """Ring attention over rings of ``cp`` ranks vs one whole causal attention (SDPA, fp64) of
+    the same inputs: the largest error of this rank's chunks of the output and of the q, k, v
+    gradients, and the same for the output of one block_attention over the whole sequence in
+    ``dtype`` (what the ring's merges should add nothing to)."""
+    import torch.nn.functional as F
+
+    from megatron_llm.kernels.attention import block_attention
+    from megatron_llm.parallel.config import ParallelConfig
+    from megatron_llm.parallel.context import context_of
+    from megatron_llm.parallel.groups import build_context
+
+    ctx = build_context(ParallelConfig(cp=cp))
+    ring = context_of(ctx)
+    gen = torch.Generator().manual_seed(0)
+    b, h, hkv, seq, d = 2, 4, 2, 32, 8  # grouped-query heads
+
+    def draw(heads: int) -> torch.Tensor:
+        return torch.randn(b, heads, seq, d, generator=gen, dtype=torch.float64)
+
+    q, k, v, dout = draw(h), draw(hkv), draw(hkv), draw(h)
+    whole = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*whole, is_causal=True, enable_gqa=True)
+    ref.backward(dout)
+    low = getattr(torch, dtype)
+    mine = [ring.split(t, 2).to(low).requires_grad_() for t in (q, k, v)]
+    out = ring.attention(*mine)
+    out.backward(ring.split(dout, 2).to(low))
+    one, _ = block_attention(q.to(low), k.to(low), v.to(low), q_start=0, k_start=0, causal=True)
+    return {
+        "out": (out.double() - ring.split(ref, 2)).abs().max().item(),
+        "grads": [
+            (m.grad.double() - ring.split(w.grad, 2)).abs().max().item()
+            for m, w in zip(mine, whole, strict=True)
+        ],
+        "one_block": (ring.split(one, 2).double() - ring.split(ref, 2)).abs().max().item(),
+        "dtype": str(out.dtype),
+    }
+
+
+def ring_cases() -> dict[str, Any]:
+    """On 4 ranks: the ring of 4 (fp64 inputs), the rings of 2 (cp=2 x dp=2), and the ring of 2
+    in bf16; each rank's errors against one whole attention."""
+    import torch.distributed as dist
+
+    out = {"cp4": ring_against_full(cp=4)}
+    dist.barrier()
+    out["cp2"] = ring_against_full(cp=2)
+    dist.barrier()
+    out["cp2-bf16"] = ring_against_full(cp=2, dtype="bfloat16")
+    return out
+
+
+def train_packed(overrides: list[str]) -> dict[str, Any]:
+    """tests/parallel_runs.py's packed-document steps (an EOD about every 5 tokens, document
+    masking and positions from data.reset_*) through the real train_step at any layout, cp
+    included: per-step losses and grad norms."""
+    from megatron_llm.config import load_config
+    from megatron_llm.data.batch import document_masking
+    from megatron_llm.parallel.build import build_model
+    from megatron_llm.parallel.engine import build_engine
+    from megatron_llm.parallel.groups import build_context, mean_over_dp
+    from megatron_llm.training.loop import train_step
+    from megatron_llm.training.run import seed_everything
+    from tests.parallel_runs import BASE, EOD, VOCAB, packed_documents
+
+    cfg = load_config(None, BASE + overrides)
+    ctx = build_context(cfg.parallel)
+    built = build_model(cfg, ctx, VOCAB)
+    engine = build_engine(built.module, cfg, ctx)
+    seed_everything(cfg.train.seed + 1 + ctx.dp_rank)
+    accum, micro = cfg.train.grad_accum_steps, cfg.train.micro_batch_size
+    data = packed_documents(cfg.train.steps, cfg.model.seq_length)
+    masking = document_masking(cfg.data, EOD)
+    out: dict[str, Any] = {"losses": [], "norms": []}
+    for step in range(cfg.train.steps):
+        mine = data[step].view(ctx.dp, accum, micro, -1)[ctx.dp_rank]  # (accum, micro, seq+1)
+        loss, norm = train_step(
+            engine, iter(mine), accum, ctx.tp_group, masking, built.model.context
+        )
+        out["losses"].append(mean_over_dp(loss, ctx))
+        out["norms"].append(norm)
+    return out
+
+
+def cp_runs(items: list[tuple[str, list[str]]]) -> list[dict[str, Any]]:
+    """Runs one after the other on the same ranks: ("loop", argv) the real training loop on
+    real shards (tests/checkpoint_runs.py train_run), ("packed", overrides) train_packed."""
+    import time
+
+    import torch.distributed as dist
+
+    from tests.checkpoint_runs import train_run
+
+    results = []
+    for kind, argv in items:
+        start = time.perf_counter()
+        results.append({"loop": train_run, "packed": train_packed}[kind](argv))
+        results[-1]["wall"] = time.perf_counter() - start
+        dist.barrier()
+    return results
