@@ -100,7 +100,7 @@ def test_model_state_estimates_match_deepspeed_engines():
     for overrides, got in zip(LAYOUTS, measured):
         cfg = load_config(None, BASE + overrides)
         p = cfg.parallel
-        lay = plan.Layout(p.tp, 1, p.dp, p.zero_stage, 2, 2, False)
+        lay = plan.Layout(p.tp, 1, p.resolve_dp(2), p.zero_stage, 2, 2, False)
         est = plan.estimate(cfg.model, VOCAB, lay, cfg.train.precision)
         for key in ("params", "grads", "optimizer"):
             assert getattr(est, key) == pytest.approx(got[key], rel=0.1), (overrides, key, got)
@@ -118,7 +118,7 @@ def test_layouts_follow_the_rules(capsys):
     argv += ["--vocab-size", "32000", "--global-batch", "32", "--json"]
     assert plan.main(argv) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert rows and all(r["tp"] * r["pp"] * r["dp"] == 8 for r in rows)
+    assert rows and all(r["tp"] * r["cp"] * r["pp"] * r["dp"] == 8 for r in rows)
     assert all(r["tp"] <= 4 and 32 % r["tp"] == 0 and 8 % r["tp"] == 0 for r in rows)
     assert all(r["zero"] == 1 for r in rows if r["pp"] > 1)
     assert all(r["micro"] * r["accum"] * r["dp"] == 32 for r in rows)

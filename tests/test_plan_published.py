@@ -127,6 +127,7 @@ def test_search_ranks_narayanan_layouts_near_the_top(p, attention):
         parallel=types.SimpleNamespace(sequence_parallel=False),
     )
     found = search.plan(cfg, VOCAB, p.gpus, 8, p.batch, 0.9 * 80 * GB, A100, attention)
+    found = [e for e in found if e.layout.cp == 1]  # their system had no context parallelism
     theirs = next(e for e in found if (e.layout.tp, e.layout.pp, e.layout.dp) == p_layout(p))
     assert theirs.fits and found[0].fits
     assert found[0].time.tokens_s <= 1.10 * theirs.time.tokens_s, (found[0].layout, theirs.layout)

@@ -33,13 +33,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--intra-node-gbs", type=float, help="NVLink GB/s per GPU and direction")
     parser.add_argument("--inter-node-gbs", type=float, help="InfiniBand GB/s per GPU")
     parser.add_argument("--efficiency", type=float, default=EFFICIENCY, help="matmul share of peak")
+    parser.add_argument(
+        "--all-to-all-gbs", type=float, help="expert all-to-all GB/s per GPU (default: the link's)"
+    )
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--global-batch", type=int, help="samples per step (default: config's)")
     parser.add_argument("--vocab-size", type=int, help="default: model.vocab_size or tokenizer")
     parser.add_argument("--headroom", type=float, default=0.1, help="memory kept free (0.1)")
     parser.add_argument(
-        "--layout", help="evaluate one layout: tp=8,pp=64,dp=6,zero=0,micro=1,ckpt=full"
+        "--layout", help="evaluate one layout: tp=8,pp=64,dp=6,zero=0,micro=1,ckpt=full[,cp=,ep=]"
+    )
+    parser.add_argument(
+        "--max-seq",
+        action="store_true",
+        help="the longest model.seq_length each layout (micro-batch 1) fits, longest first",
     )
     parser.add_argument("--published", action="store_true", help="predicted vs published TFLOP/s")
     parser.add_argument("--top", type=int, default=20, help="rows to print (default 20)")
@@ -79,20 +87,26 @@ def row(e: search.Estimate) -> dict[str, Any]:
     return out
 
 
+LAYOUT_HEADER = f"{'tp':>3}{'cp':>3}{'pp':>4}{'dp':>5}{'ep':>4}{'zero':>5}"
 HEADER = (
-    f"{'tp':>3}{'pp':>4}{'dp':>5}{'zero':>5}{'micro':>6}{'accum':>6}{'ckpt':>5}{'params':>8}"
-    f"{'grads':>7}{'optim':>7}{'activ':>7}{'buffer':>7}{'gather':>7}{'bucket':>7}{'total':>7}"
-    f"{'step s':>9}{'tokens/s':>11}{'TFLOP/s':>8}{'MFU':>6}  fits"
+    f"{LAYOUT_HEADER}{'micro':>6}{'accum':>6}{'ckpt':>5}{'params':>8}"
+    f"{'grads':>7}{'optim':>7}{'activ':>7}{'buffer':>7}{'gather':>7}{'bucket':>7}{'a2a':>6}"
+    f"{'ring':>6}{'total':>7}{'step s':>9}{'tokens/s':>11}{'TFLOP/s':>8}{'MFU':>6}  fits"
 )
+
+
+def layout_cells(lay: Layout) -> str:
+    return f"{lay.tp:>3}{lay.cp:>3}{lay.pp:>4}{lay.dp:>5}{lay.ep:>4}{lay.zero:>5}"
 
 
 def line(e: search.Estimate) -> str:
     lay, m, t = e.layout, e.memory, e.time
     text = (
-        f"{lay.tp:>3}{lay.pp:>4}{lay.dp:>5}{lay.zero:>5}{lay.micro:>6}{lay.accum:>6}"
+        f"{layout_cells(lay)}{lay.micro:>6}{lay.accum:>6}"
         f"{'full' if lay.checkpointing else 'none':>5}{m.params / GB:>8.2f}{m.grads / GB:>7.2f}"
         f"{m.optimizer / GB:>7.2f}{m.activations / GB:>7.2f}{m.buffers / GB:>7.2f}"
-        f"{m.gathered / GB:>7.2f}{m.bucket / GB:>7.2f}{m.total / GB:>7.2f}"
+        f"{m.gathered / GB:>7.2f}{m.bucket / GB:>7.2f}{m.dispatch / GB:>6.2f}{m.ring / GB:>6.2f}"
+        f"{m.total / GB:>7.2f}"
     )
     if t is not None:
         text += f"{t.step_s:>9.3f}{t.tokens_s:>11.4g}{t.tflops:>8.1f}{t.mfu:>6.1%}"
@@ -128,12 +142,10 @@ def one_layout(args: argparse.Namespace, cfg: Any, vocab: int, device: Device, b
                 f"{lay.micro}; pass accum= or --global-batch"
             )
         lay.accum = batch // (lay.dp * lay.micro)
-    cfg.model.check_divisible_by_tp(lay.tp)
-    if cfg.model.num_layers % lay.pp:
-        raise ValueError(f"--layout pp={lay.pp} does not divide model.num_layers")
+    search.check_layout(cfg.model, lay)
     e = search.estimate(
         cfg.model, vocab, lay, cfg.train.precision, cfg.parallel.sequence_parallel,
-        device, args.gpus_per_node,
+        device, args.gpus_per_node, all_to_all_gbs=args.all_to_all_gbs,
     )  # fmt: skip
     e.fits = e.total <= (1 - args.headroom) * device.memory_gb * GB
     # Evaluated as given (e.g. a published Megatron-LM layout), but this project would refuse it.
@@ -141,7 +153,7 @@ def one_layout(args: argparse.Namespace, cfg: Any, vocab: int, device: Device, b
     if args.json:
         print(json.dumps({**row(e), "runnable": runnable}, indent=1))
         return 0
-    print(f"{lay.tp * lay.pp * lay.dp} devices, stage {e.memory.stage} holds the most; GB")
+    print(f"{lay.world} devices, stage {e.memory.stage} holds the most; GB")
     print(HEADER)
     print(line(e))
     if not runnable:
@@ -149,6 +161,25 @@ def one_layout(args: argparse.Namespace, cfg: Any, vocab: int, device: Device, b
             f"note: zero={lay.zero} with pp={lay.pp} is evaluated, but this project runs "
             "pipelines with ZeRO 1 only (megatron_llm/config.py): use zero=1 to run it"
         )
+    return 0
+
+
+def longest_sequences(
+    args: argparse.Namespace, cfg: Any, vocab: int, world: int, batch: int, budget: float
+) -> int:
+    """--max-seq: each layout's longest sequence that fits (search.max_seq_length)."""
+    rows = search.longest_sequences(cfg, vocab, world, args.gpus_per_node, batch, budget)
+    if args.json:
+        print(json.dumps([{**dataclasses.asdict(lay), "max_seq": s} for lay, s in rows], indent=1))
+        return 0
+    print(
+        f"{world} devices, {budget / GB:.1f} GB usable each, micro-batch 1, {cfg.train.precision}: "
+        "the longest model.seq_length each layout fits"
+    )
+    print(f"{LAYOUT_HEADER}{'ckpt':>5}{'max seq':>10}")
+    for lay, seq in rows[: args.top]:
+        print(f"{layout_cells(lay)}{'full' if lay.checkpointing else 'none':>5}{seq:>10}")
+    print(f"{len(rows)} layouts; showing {min(args.top, len(rows))}")
     return 0
 
 
@@ -176,7 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     world = args.nodes * args.gpus_per_node
     budget = (1 - args.headroom) * device.memory_gb * GB
-    found = search.plan(cfg, vocab, world, args.gpus_per_node, batch, budget, device)
+    if args.max_seq:
+        return longest_sequences(args, cfg, vocab, world, batch, budget)
+    found = search.plan(
+        cfg, vocab, world, args.gpus_per_node, batch, budget, device,
+        all_to_all_gbs=args.all_to_all_gbs,
+    )  # fmt: skip
     if args.json:
         print(json.dumps([row(e) for e in found], indent=1))
         return 0

@@ -12,15 +12,31 @@ plus one more forward of the blocks under full recompute), T = tokens per step:
   ZeRO 3       z  = g * (d-1)/d * b*N / B_dp, g = 3 passes (gather forward, gather backward,
                reduce-scatter gradients), 4 with full recompute (its forward gathers again);
                DeepSpeed prefetches, so overlap x min(c, z) of it hides behind compute
+  context par. k  = max(0, ring - a): ring = n_r * (L/p) * (cp-1) * 2 * b*(s/cp)*m*h_kv/t / B_cp,
+               the K and V blocks passed around the ring, n_r = 3 (once forward; K/V and
+               dK/dV in backward), 4 with full recompute; a = the attention core's own time
+               (12 s h_q FLOPs per token over the layers), which each ring step overlaps
+  expert par.  e  = n_e * L_moe * (ep-1)/ep * b*(s/cp)*m*k'*h / B_ep, the all-to-all of the
+               routed tokens (k' = top_k, or capacity x top_k when less): n_e = 4 (dispatch
+               and combine, forward and backward), 6 with full recompute; L_moe the stage's
+               MoE layers; not overlapped (the experts wait for their tokens)
   1F1B         (M + p - 1) micro-batch slots: the bubble (p-1)/M
   data par.    D  = 2(d-1)/d * b*N / B_dp once per step (all-reduce, or ZeRO 1/2's
-               reduce-scatter + all-gather of the same volume); ZeRO 3 reduces in z instead
+               reduce-scatter + all-gather of the same volume), d = dp x cp; the routed
+               experts' N_e over their own group d_e = dp x cp / ep instead; ZeRO 3 reduces
+               in z instead
 
-  step = (M + p - 1) * (c + r + q + z - overlap * min(c, z)) + D
+  step = (M + p - 1) * (c + r + q + k + e + z - overlap * min(c, z)) + D
+
+Under cp the sequence terms above use s/cp (a rank's share), and F counts active parameters
+for MoE models (model/shape.py: the top_k routed and the shared experts, the router).
 
 B_intra: NVLink per GPU and direction; B_inter: the InfiniBand share of one GPU; B_dp = B_intra
-when the whole job fits in one node, else B_inter. Defaults per device below (DGX A100: NVLink 3
-300 GB/s, 8 x 200 Gb/s HDR; DGX H100: NVLink 4 450 GB/s, 8 x 400 Gb/s NDR); override with flags.
+when the whole job fits in one node, else B_inter; B_cp and B_ep likewise by whether their
+group's ranks (tp*cp, tp*cp*ep consecutive ranks in the tp-cp-dp-pp order) fit in a node;
+B_ep may be given (--all-to-all-gbs: all-to-all reaches less than a link's peak). Defaults
+per device below (DGX A100: NVLink 3 300 GB/s, 8 x 200 Gb/s HDR; DGX H100: NVLink 4
+450 GB/s, 8 x 400 Gb/s NDR); override with flags.
 
 Calibration (published measurements only, tests/test_plan_published.py):
   efficiency = 0.6 and overlap = 0.6 reproduce Narayanan et al. 2021 (arXiv 2104.04473),
@@ -36,8 +52,8 @@ import dataclasses
 
 from megatron_llm.model.config import ModelConfig
 from megatron_llm.model.shape import flops_per_token
-from megatron_llm.plan.memory import Layout, element_bytes
-from megatron_llm.plan.params import stage_parameters
+from megatron_llm.plan.memory import Layout, element_bytes, rank_tokens, routed_per_token
+from megatron_llm.plan.params import expert_parameters, moe_layers, stage_parameters
 
 EFFICIENCY = 0.6  # achieved / peak FLOP/s of the matmuls; calibrated, see the docstring
 ZERO3_OVERLAP = 0.6  # share of the shorter of compute and ZeRO-3 traffic that runs concurrently
@@ -69,6 +85,8 @@ class StepTime:
     tokens_s: float  # tokens per second, whole job
     tflops: float  # hardware TFLOP/s per GPU (recompute included)
     mfu: float  # model FLOPs per second per GPU / peak
+    context_s: float = 0.0  # exposed ring traffic over the step
+    expert_s: float = 0.0  # all-to-all over the step
 
 
 def hardware_flops_per_token(cfg: ModelConfig, vocab: int, checkpointing: bool) -> float:
@@ -88,27 +106,37 @@ def step_time(
     gpus_per_node: int,
     efficiency: float = EFFICIENCY,
     overlap: float = ZERO3_OVERLAP,
+    all_to_all_gbs: float | None = None,
 ) -> StepTime:
     """The model in the module docstring; vocab is the padded vocabulary."""
-    world = lay.tp * lay.pp * lay.dp
-    b, t, d, M = element_bytes(precision), lay.tp, lay.dp, lay.accum
-    tokens = cfg.seq_length * lay.micro * M * d
+    world = lay.world
+    b, t, M = element_bytes(precision), lay.tp, lay.accum
+    tokens = cfg.seq_length * lay.micro * M * lay.dp
     hw = hardware_flops_per_token(cfg, vocab, lay.checkpointing)
-    c = hw * tokens / world / M / (device.peak_tflops * 1e12 * efficiency)
-    act = b * cfg.seq_length * lay.micro * cfg.hidden_size
+    flops = device.peak_tflops * 1e12 * efficiency
+    c = hw * tokens / world / M / flops
+    act = b * rank_tokens(cfg, lay) * cfg.hidden_size
     intra, inter = device.intra_gbs * 1e9, device.inter_gbs * 1e9
     n = 6 if lay.checkpointing else 4
-    r = n * (cfg.num_layers // lay.pp) * 2 * (t - 1) / t * act / intra
+    layers = cfg.num_layers // lay.pp
+    r = n * layers * 2 * (t - 1) / t * act / intra
     q = 2 * act / t / inter if lay.pp > 1 else 0.0
-    params = b * stage_parameters(cfg, vocab, t, lay.pp)
+    k = context_time(cfg, lay, b, flops, intra if t * lay.cp <= gpus_per_node else inter)
+    ep_bw = intra if t * lay.cp * lay.ep <= gpus_per_node else inter
+    e = all_to_all_time(cfg, lay, b, all_to_all_gbs * 1e9 if all_to_all_gbs else ep_bw)
+    d, d_e = lay.data_group, lay.expert_data_group
+    params = stage_parameters(cfg, vocab, t, lay.pp, None, lay.ep)
+    experts = max(expert_parameters(cfg, lay.pp, s, lay.ep) for s in range(lay.pp))
     dp_bw = intra if world <= gpus_per_node else inter
+    # bytes each rank moves in one reduction of its gradients (or one gather of its parameters)
+    reduced = b * ((d - 1) / d * (params - experts) + (d_e - 1) / d_e * experts)
     z = 0.0
     if lay.zero == 3:
-        z = (4 if lay.checkpointing else 3) * (d - 1) / d * params / dp_bw
+        z = (4 if lay.checkpointing else 3) * reduced / dp_bw
     slots = M + lay.pp - 1
     hidden = overlap * min(c, z)
-    data = 0.0 if lay.zero == 3 else 2 * (d - 1) / d * params / dp_bw
-    step = slots * (c + r + q + z - hidden) + data
+    data = 0.0 if lay.zero == 3 else 2 * reduced / dp_bw
+    step = slots * (c + r + q + k + e + z - hidden) + data
     model_flops = flops_per_token(cfg, vocab) * tokens
     return StepTime(
         step_s=step,
@@ -119,4 +147,28 @@ def step_time(
         tokens_s=tokens / step,
         tflops=hw * tokens / world / step / 1e12,
         mfu=model_flops / world / step / (device.peak_tflops * 1e12),
+        context_s=slots * k,
+        expert_s=slots * e,
     )
+
+
+def context_time(cfg: ModelConfig, lay: Layout, b: int, flops: float, bandwidth: float) -> float:
+    """Exposed ring traffic of one micro-batch on a stage (module docstring: k)."""
+    if lay.cp == 1:
+        return 0.0
+    layers = cfg.num_layers // lay.pp
+    passes = 4 if lay.checkpointing else 3
+    kv_block = 2 * b * rank_tokens(cfg, lay) * cfg.num_kv_heads * cfg.head_dim / lay.tp
+    ring = passes * layers * (lay.cp - 1) * kv_block / bandwidth
+    core = 12 * cfg.seq_length * cfg.num_heads * cfg.head_dim * rank_tokens(cfg, lay) / lay.tp
+    return max(0.0, ring - layers * core / flops)
+
+
+def all_to_all_time(cfg: ModelConfig, lay: Layout, b: int, bandwidth: float) -> float:
+    """All-to-all of one micro-batch on the stage with the most MoE layers (docstring: e)."""
+    if lay.ep == 1:
+        return 0.0
+    layers = max(moe_layers(cfg, lay.pp, s) for s in range(lay.pp))
+    passes = 6 if lay.checkpointing else 4
+    sent = b * rank_tokens(cfg, lay) * routed_per_token(cfg) * cfg.hidden_size
+    return passes * layers * (lay.ep - 1) / lay.ep * sent / bandwidth
