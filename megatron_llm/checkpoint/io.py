@@ -1,27 +1,31 @@
 """The checkpoint format, its atomic save, and finding a checkpoint to resume from.
 
-Layout of ``checkpoint.dir`` (format ``megatron_llm-checkpoint``, version 1)::
+Layout of ``checkpoint.dir`` (format ``megatron_llm-checkpoint``, version 2; version 1 loads)::
 
     latest                    text: the tag of the newest complete checkpoint. Replaced
                               atomically, and only after that checkpoint is in place.
     global_step<N>/           one complete checkpoint; renamed into place only when whole
         manifest.json         format, version, step, the layout it was saved at, the tensor
-                              index {name: {file, shape}}, and {file: {bytes, sha256}} for
-                              every other file of the folder
+                              index, and {file: {bytes, sha256}} for every other file
         run_state.json        step, consumed_samples, tokens_seen, train_samples (the sample
                               count the dataset indices were built for), engine counters,
                               loss scaler (fp16), and the tokenizer's sha256
         config.yaml           the resolved run config
-        model-<rank>.pt       {name: whole fp32 tensor} for the parameters that rank wrote
-        optim-<rank>.pt       {name: {"exp_avg": ..., "exp_avg_sq": ...}} (AdamW state)
+        model-<rank>.pt       {name: 1-d fp32 tensor}: the elements of that parameter this rank
+                              wrote (its shard of it: see shards.py), in torch.save's zip format
+        optim-<rank>.pt       {name: {"exp_avg": ..., "exp_avg_sq": ...}}, the same elements
         rng-<rank>.pt         that rank's random streams (restored at the same layout only)
     .tmp-global_step<N>-*/    a save in progress, or one killed mid-way: never read, and
                               removed by the next save
 
-Tensors are whole (not sharded by the layout that saved them; see state.py), so a checkpoint
-loads at any (tp, pp, dp). Every file is written under the temporary folder, fsynced, and the
-folder is renamed into place; a process killed at any moment leaves the previous checkpoint and
-``latest`` as they were.
+The tensor index, ``{name: {"shape", "pieces": [{file, at, offset, size}]}}``: each piece is a
+box of the single-device tensor (global ``offset`` and ``size`` per dimension) stored as
+elements ``at`` .. ``at + prod(size)`` of ``file[name]`` (and of the optim file's, for the
+moments). The pieces of a tensor tile it exactly once, so a checkpoint loads at any (tp, pp, dp,
+zero) and each rank reads only the boxes it needs. Version 1 (``{name: {file, shape}}``, whole
+tensors) reads as one piece per tensor. Every file is written under the temporary folder,
+fsynced, and the folder is renamed into place; a process killed at any moment leaves the
+previous checkpoint and ``latest`` as they were.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import pickle
 import shutil
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -44,17 +48,15 @@ import torch
 import yaml
 
 from megatron_llm.atomic import fsync_dir, os_error_in, write_atomic, write_failed
-from megatron_llm.checkpoint import rng
+from megatron_llm.checkpoint import rng, shards
+from megatron_llm.checkpoint.errors import CheckpointError
 from megatron_llm.hashing import file_sha256
 
 FORMAT = "megatron_llm-checkpoint"
-VERSION = 1
+VERSION = 2
+READABLE = (1, 2)  # versions this code loads
 TAG_PREFIX = "global_step"
 TMP_PREFIX = ".tmp-"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used, with the path and what is wrong."""
 
 
 def tag_for(step: int) -> str:
@@ -249,10 +251,10 @@ class Checkpoint:
             raise CheckpointError(f"{manifest_path}: not valid JSON ({e})") from None
         if not isinstance(manifest, dict):
             raise CheckpointError(f"{manifest_path}: not a checkpoint manifest (not an object)")
-        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        if manifest.get("format") != FORMAT or manifest.get("version") not in READABLE:
             raise CheckpointError(
                 f"{manifest_path}: format {manifest.get('format')!r} version "
-                f"{manifest.get('version')!r}; expected {FORMAT!r} version {VERSION}"
+                f"{manifest.get('version')!r}; expected {FORMAT!r} version 1 or 2"
             )
         return cls(path, manifest)
 
@@ -302,24 +304,14 @@ class Checkpoint:
                 found.append(f"{path}: sha256 differs from the manifest (corrupted)")
         return found
 
-    def _load(self, name: str) -> Any:
-        return load_tensors(self.path / name, mmap=True)
-
-    def tensors(self, *, optimizer: bool) -> dict[str, dict[str, torch.Tensor]]:
-        """{name: {"param", and with optimizer "exp_avg", "exp_avg_sq"}}, memory-mapped."""
-        out: dict[str, dict[str, torch.Tensor]] = {}
-        files = sorted({entry["file"] for entry in self.manifest["tensors"].values()})
-        for model_file in files:
-            for name, value in self._load(model_file).items():
-                out[name] = {"param": value}
-            if optimizer:
-                optim_file = model_file.replace("model-", "optim-", 1)
-                for name, states in self._load(optim_file).items():
-                    out[name].update(states)
-        return out
+    def tensors(self, *, optimizer: bool) -> StoredState:
+        """{name: {"param", and with optimizer "exp_avg", "exp_avg_sq"}}: each tensor read on
+        access from the memory-mapped files (whole by ``[kind]``, a box by ``.stored(kind)``)."""
+        return StoredState(self, optimizer)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return {name: t["param"] for name, t in self.tensors(optimizer=False).items()}
+        """Every weight whole (tools: export, generate); a run reads boxes instead."""
+        return {name: stored.whole() for name, stored in self.tensors(optimizer=False).params()}
 
     def rng(self, rank: int) -> dict[str, Any] | None:
         """That rank's random streams (format in rng.py), or None if none were saved."""
@@ -334,6 +326,68 @@ class Checkpoint:
             return rng.from_legacy(state, rank) if rng.is_legacy(state) else rng.check(state)
         except rng.RngFormatError as e:
             raise CheckpointError(f"{path}: {e}") from None
+
+
+class StoredState(Mapping[str, "StoredEntry"]):
+    """A checkpoint's tensors by name, read lazily (see :meth:`Checkpoint.tensors`)."""
+
+    def __init__(self, ckpt: Checkpoint, optimizer: bool) -> None:
+        self.path, self.optimizer = ckpt.path, optimizer
+        self.version = int(ckpt.manifest["version"])
+        self._index = ckpt.manifest["tensors"]
+        self._files: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> StoredEntry:
+        if name not in self._index:
+            raise KeyError(name)
+        return StoredEntry(self, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def params(self) -> Iterator[tuple[str, shards.Stored]]:
+        return ((name, self.stored(name, "param")) for name in self._index)
+
+    def stored(self, name: str, kind: str) -> shards.Stored:
+        entry = self._index[name]
+        if self.version == 1:  # whole tensors, one file each
+            shape = tuple(entry["shape"])
+            pieces = shards.whole_pieces(entry["file"], shape)
+        else:
+            shape, pieces = tuple(entry["shape"]), entry["pieces"]
+        return shards.Stored(name, shape, pieces, lambda f, n: self._flat(f, n, kind))
+
+    def _flat(self, model_file: str, name: str, kind: str) -> torch.Tensor:
+        file = model_file if kind == "param" else model_file.replace("model-", "optim-", 1)
+        if file not in self._files:
+            self._files[file] = load_tensors(self.path / file, mmap=True)
+        value = self._files[file][name]
+        return value if kind == "param" else value[kind]
+
+
+class StoredEntry(Mapping[str, torch.Tensor]):
+    """One parameter's stored tensors: ``[kind]`` reads it whole, ``stored(kind)`` by boxes."""
+
+    def __init__(self, state: StoredState, name: str) -> None:
+        self._state, self.name = state, name
+        self._kinds = ("param", "exp_avg", "exp_avg_sq") if state.optimizer else ("param",)
+
+    def stored(self, kind: str) -> shards.Stored:
+        return self._state.stored(self.name, kind)
+
+    def __getitem__(self, kind: str) -> torch.Tensor:
+        if kind not in self._kinds:
+            raise KeyError(kind)
+        return self.stored(kind).whole()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._kinds)
+
+    def __len__(self) -> int:
+        return len(self._kinds)
 
 
 def load_tensors(path: Path, *, mmap: bool = False, allow: list[Any] | None = None) -> Any:

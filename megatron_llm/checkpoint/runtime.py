@@ -16,8 +16,8 @@ import yaml
 from torch import nn
 
 from megatron_llm.atomic import WriteFailed, write_failed
-from megatron_llm.checkpoint import io, rng
-from megatron_llm.checkpoint.state import gather_state, optimizer_step, restore_state
+from megatron_llm.checkpoint import io, rng, shards
+from megatron_llm.checkpoint.state import OPTIM_KEYS, held_fragments, optimizer_step, restore_state
 from megatron_llm.parallel.groups import ParallelContext
 
 # Config fields a resumed run may not change: they would make the weights, the data order or
@@ -54,14 +54,35 @@ class Snapshot:
 
     root: Path
     step: int
-    weights: dict[str, torch.Tensor]
-    optim: dict[str, dict[str, torch.Tensor]]
+    weights: dict[str, torch.Tensor]  # name -> the 1-d elements this rank writes
+    optim: dict[str, dict[str, torch.Tensor]]  # name -> {moment: the same elements of it}
+    index: dict[str, Any]  # name -> {"shape", "pieces"}: where those elements go (shards.py)
     rng: dict[str, Any]
     run_state: dict[str, Any]
     config: dict[str, Any]
     layout: dict[str, int]
     keep_last: int
     keep_every: int
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A synchronous save's host tensor of exactly these elements: torch.save of a view
+    writes its whole storage (a flat ZeRO partition), so a view is copied; a CPU tensor that
+    is its whole storage (ZeRO 0) is written as it is (the loop waits for the write)."""
+    t = t.detach()
+    whole = t.is_contiguous() and t.storage_offset() == 0
+    if t.device.type == "cpu" and whole and t.untyped_storage().nbytes() == t.nbytes:
+        return t
+    return t.to("cpu", copy=True)
+
+
+def write_plan(
+    engine: Any, ctx: ParallelContext, names: dict[str, str] | None = None
+) -> dict[str, tuple[int, int]]:
+    """{name: the flat range of its box this rank writes} (collective: every rank's fragments
+    are gathered, as metadata only). Fixed for a run: a Saver computes it once."""
+    mine = [held for held, _ in held_fragments(engine, ctx, names)]
+    return shards.assign(_all(ctx, mine), ctx.rank)
 
 
 def snapshot(
@@ -76,14 +97,25 @@ def snapshot(
     keep_last: int = 0,
     keep_every: int = 0,
     names: dict[str, str] | None = None,
-    to_host: Callable[[torch.Tensor], torch.Tensor] = torch.Tensor.cpu,
+    to_host: Callable[[torch.Tensor], torch.Tensor] = _host_copy,
+    plan: dict[str, tuple[int, int]] | None = None,
 ) -> Snapshot:
-    """Gather this rank's part of the checkpoint into host memory (collective)."""
+    """Copy this rank's share of the checkpoint to host memory: the elements :func:`write_plan`
+    (or ``plan``, its result) gives it, nothing gathered. Collective only without ``plan``."""
+    plan = write_plan(engine, ctx, names) if plan is None else plan
+    model_file = f"model-{ctx.rank:05d}.pt"
     weights: dict[str, torch.Tensor] = {}
     optim: dict[str, dict[str, torch.Tensor]] = {}
-    for name, whole in gather_state(engine, ctx, names=names, to_host=to_host):
-        weights[name] = whole["param"]
-        optim[name] = {k: v for k, v in whole.items() if k != "param"}
+    index: dict[str, Any] = {}
+    for held, fetch in held_fragments(engine, ctx, names):
+        if held.name not in plan:
+            continue
+        start, stop = plan[held.name]
+        lo, hi = start - held.start, stop - held.start  # within the fragment
+        weights[held.name] = to_host(fetch(None)[lo:hi].float())
+        optim[held.name] = {k: to_host(fetch(k)[lo:hi].float()) for k in OPTIM_KEYS}
+        pieces = shards.pieces_of(held, start, stop, model_file)
+        index[held.name] = {"shape": list(held.shape), "pieces": pieces}
     if ctx.device.type == "cuda":
         torch.cuda.current_stream(ctx.device).synchronize()  # the non-blocking copies landed
     return Snapshot(
@@ -91,6 +123,7 @@ def snapshot(
         step=step,
         weights=weights,
         optim=optim,
+        index=index,
         # Cloned: a stream's state may be a live tensor that the next step advances.
         rng=_cloned(rng.capture(model)),
         run_state=run_state,
@@ -133,15 +166,18 @@ def write(snap: Snapshot, ctx: ParallelContext, group: dist.ProcessGroup | None 
     tmp, error = _broadcast((tmp, error), group)
     if error:
         raise SaveFailed(f"checkpoint of step {step} not saved: {error}")
-    entries, index, error = _write_files(io.FolderWriter(tmp), snap, ctx)
-    pieces = _all(ctx, (entries, index, error), group)
+    entries, mine, error = _write_files(io.FolderWriter(tmp), snap, ctx)
+    pieces = _all(ctx, (entries, mine, error), group)
+    index: dict[str, Any] = {}
     errors = [part[2] for part in pieces if part[2]]
     final = None
     if ctx.rank == 0 and not errors:
         files: dict[str, Any] = {}
         for part_files, part_index, _ in pieces:
             files.update(part_files)
-            index.update(part_index)
+            for name, entry in part_index.items():  # a tensor's pieces come from many ranks
+                merged = index.setdefault(name, {"shape": entry["shape"], "pieces": []})
+                merged["pieces"] += entry["pieces"]
         try:
             final = io.finish(
                 tmp,
@@ -183,9 +219,7 @@ def _write_files(
             model_file, optim_file = f"model-{ctx.rank:05d}.pt", f"optim-{ctx.rank:05d}.pt"
             writer.tensors(model_file, snap.weights)
             writer.tensors(optim_file, snap.optim)
-            index = {
-                n: {"file": model_file, "shape": list(t.shape)} for n, t in snap.weights.items()
-            }
+            index = snap.index
         writer.tensors(f"rng-{ctx.rank:05d}.pt", snap.rng)
         if ctx.rank == 0:
             writer.text("run_state.json", json.dumps(snap.run_state, indent=2) + "\n")
@@ -350,7 +384,7 @@ def restore(
     a fresh optimizer, schedule and data position.
     """
     if weights_only or not ckpt.has_optimizer:
-        restore_state(engine, ctx, {n: {"param": t["param"]} for n, t in tensors.items()}, 0, names)
+        restore_state(engine, ctx, tensors, 0, names, with_optimizer=False)
         reseed(0)
         return {"step": 0, "consumed_samples": 0}
     run = ckpt.run_state()

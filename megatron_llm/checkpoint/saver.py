@@ -12,7 +12,14 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_llm.checkpoint import io
-from megatron_llm.checkpoint.runtime import SaveFailed, Snapshot, save, snapshot, write
+from megatron_llm.checkpoint.runtime import (
+    SaveFailed,
+    Snapshot,
+    save,
+    snapshot,
+    write,
+    write_plan,
+)
 from megatron_llm.parallel.groups import ParallelContext
 
 
@@ -35,6 +42,7 @@ class Saver:
         self._pinned = _PinnedPool()
         self._thread: threading.Thread | None = None
         self._failure: str | None = None
+        self._plan: dict[str, tuple[int, int]] | None = None  # who writes what: fixed per run
 
     def save(self, engine: Any, model: nn.Module, **kwargs: Any) -> Path:
         """Save (keywords of :func:`snapshot`); asynchronous: the path it will be published at."""
@@ -42,7 +50,11 @@ class Saver:
         if not self.asynchronous:
             return save(engine, model, self.ctx, **kwargs)
         self._pinned.rewind()
-        snap = snapshot(engine, model, self.ctx, to_host=self._pinned.copy, **kwargs)
+        if self._plan is None:  # collective, once
+            self._plan = write_plan(engine, self.ctx, kwargs.get("names"))
+        snap = snapshot(
+            engine, model, self.ctx, to_host=self._pinned.copy, plan=self._plan, **kwargs
+        )
         self._thread = threading.Thread(
             target=self._write, args=(snap,), name=f"checkpoint-step{snap.step}", daemon=True
         )

@@ -1,14 +1,15 @@
-"""Layout-free training state: whole fp32 tensors by parameter name, whatever the (tp, pp, dp).
+"""Layout-free training state: fp32 tensors by the single-device model's parameter names.
 
-A checkpoint stores, for every parameter of the single-device model, its full fp32 value and
-AdamW's ``exp_avg`` / ``exp_avg_sq``, gathered over data parallelism (DeepSpeed's ZeRO
-partitions, through ``deepspeed.utils.safe_get_full_*``) and over tensor parallelism (the shards
-concatenated along their ``partition_dim``). A run at any other layout slices what it needs from
-those whole tensors, so resuming and reshaping are the same operation.
+A checkpoint stores, for every parameter of the single-device model, its fp32 value and AdamW's
+``exp_avg`` / ``exp_avg_sq`` as boxes of the whole tensor with their global offsets
+(shards.py). :func:`held_fragments` says which elements this rank holds: its box by the one
+slicing rule (:func:`local_slice`, parallel/layers.py ``local_part``) and, inside it, its
+part of DeepSpeed's flat fp32 buffers (the ZeRO partition); each rank writes those and nothing
+is gathered. A run at any other layout reads the box it needs (:func:`restore_state`), so
+resuming and reshaping are the same operation.
 
-Gathering is collective: every rank of a pipeline stage calls :func:`gather_state` with the same
-parameters in the same order, and every rank ends with the whole tensors. The writing is then
-spread: parameter i of a stage is written by the stage's rank ``i mod (tp * dp)``.
+:func:`gather_state` (whole tensors, collective over the stage) is kept for tests and tools
+that compare a live engine with a checkpoint.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from megatron_llm.checkpoint.io import CheckpointError
+from megatron_llm.checkpoint import shards
+from megatron_llm.checkpoint.errors import CheckpointError
 from megatron_llm.parallel.groups import ParallelContext
-from megatron_llm.parallel.layers import local_part
+from megatron_llm.parallel.layers import local_part, whole_of
 
 OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -81,17 +82,91 @@ def _dp_full(
 
 
 def _tp_full(value: torch.Tensor, p: nn.Parameter, ctx: ParallelContext) -> torch.Tensor:
-    if ctx.tp == 1 or not getattr(p, "tensor_model_parallel", False):
-        return value
-    value = value.to(ctx.device)  # an offloaded optimizer keeps its state on the CPU
-    parts = [torch.empty_like(value) for _ in range(ctx.tp)]
-    dist.all_gather(parts, value.contiguous(), group=ctx.tp_group)
-    return torch.cat(parts, dim=p.partition_dim)
+    # An offloaded optimizer keeps its state on the CPU; the gather is a device collective.
+    return whole_of(value.to(ctx.device), p, ctx)
 
 
 def local_slice(full: torch.Tensor, p: nn.Parameter, ctx: ParallelContext) -> torch.Tensor:
-    """This rank's piece of a whole tensor, as the parameter ``p`` of this layout holds it."""
+    """This rank's piece of a whole tensor, as the parameter ``p`` of this layout holds it: the
+    one slicing rule (parallel/layers.py), which every checkpoint read and write goes through
+    (:func:`owned_box` applies it to a meta tensor to learn the global offsets)."""
     return local_part(full, p, ctx)
+
+
+def global_shape(p: nn.Parameter, local_shape: tuple[int, ...], ctx: ParallelContext) -> tuple:
+    """The single-device shape of ``p`` from its shard's; :func:`owned_box` checks it against
+    the slicing rule, so a rule this does not know is refused rather than misread."""
+    shape = list(local_shape)
+    if ctx.tp > 1 and getattr(p, "tensor_model_parallel", False):
+        shape[p.partition_dim] *= ctx.tp
+    if getattr(ctx, "ep", 1) > 1 and getattr(p, "expert_parallel", False):
+        shape[0] *= ctx.ep  # stacked experts: dim 0 is the global expert index
+    return tuple(shape)
+
+
+def owned_box(p: nn.Parameter, local_shape: tuple[int, ...], ctx: ParallelContext) -> shards.Box:
+    """The box (global offsets, sizes) of the single-device tensor that ``p`` holds here."""
+    shape = global_shape(p, local_shape, ctx)
+    box = shards.box_of_view(local_slice(torch.empty(shape, device="meta"), p, ctx), shape)
+    if box[1] != tuple(local_shape):
+        raise CheckpointError(
+            f"checkpoint: a parameter of local shape {tuple(local_shape)} gets a box of sizes "
+            f"{box[1]} from the slice rule for the global shape {shape}; teach "
+            "checkpoint/state.py global_shape the rule's new case"
+        )
+    return box
+
+
+Fetch = Callable[[str | None], torch.Tensor]  # None: the fp32 value; else an AdamW moment
+
+
+def _fragment(
+    engine: Any, p: nn.Parameter, masters: dict[int, torch.Tensor]
+) -> tuple[tuple[int, ...], int, int, Fetch]:
+    """(local shape, start, stop, fetch): the flat range of ``p``'s local tensor this rank's
+    optimizer holds, and a function giving those elements (1-d fp32, on their device)."""
+    if hasattr(p, "ds_id"):  # ZeRO 3: ds_tensor is partition r of the flat parameter, padded
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+        part = p.ds_tensor.ds_numel
+        start = min(engine.optimizer._get_param_partition_rank(p) * part, p.ds_numel)
+        stop = min(start + part, p.ds_numel)
+
+        def fetch3(key: str | None) -> torch.Tensor:
+            value = (
+                safe_get_local_fp32_param(p)
+                if key is None
+                else safe_get_local_optimizer_state(p, key)
+            )
+            return value.reshape(-1)[: stop - start]
+
+        return tuple(p.ds_shape), start, stop, fetch3
+    if hasattr(p, "_hp_mapping"):  # ZeRO 1/2, bf16: a fragment of the flat fp32 partition
+        mapping = p._hp_mapping
+        if mapping is None:  # none of p in this rank's partition
+            return tuple(p.shape), 0, 0, lambda key: torch.empty(0)
+        address = mapping.lp_fragment_address
+        return tuple(p.shape), address.start, address.start + address.numel, mapping.get_hp_fragment
+    master, base = masters.get(id(p), p), _base_optimizer(engine)
+
+    def fetch0(key: str | None) -> torch.Tensor:
+        return (master.detach() if key is None else base.state[master][key]).reshape(-1)
+
+    return tuple(p.shape), 0, p.numel(), fetch0
+
+
+def held_fragments(
+    engine: Any, ctx: ParallelContext, names: Mapping[str, str] | None = None
+) -> Iterator[tuple[shards.Held, Fetch]]:
+    """What this rank holds of each of its parameters (by the single-device names), and how
+    to fetch the elements. Not collective; the optimizer must have its state."""
+    _link_optimizer_views(engine)
+    masters = _masters(engine)
+    for name, p in engine.module.named_parameters():
+        local_shape, start, stop, fetch = _fragment(engine, p, masters)
+        box = owned_box(p, local_shape, ctx)
+        single = (names or {}).get(name, name)
+        yield shards.Held(single, global_shape(p, local_shape, ctx), box, start, stop), fetch
 
 
 def writer_of(index: int, ctx: ParallelContext) -> int:
@@ -128,10 +203,13 @@ def gather_state(
 
 
 def checked_weights(
-    shapes: Mapping[str, torch.Size], tensors: Mapping[str, torch.Tensor], source: str
+    shapes: Mapping[str, torch.Size],
+    tensors: Mapping[str, torch.Tensor | shards.Stored],
+    source: str,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, whole tensor) in the order of ``shapes`` (the single-device model's parameters),
-    after checking that the names match and, as each is handed out, its shape."""
+    after checking that the names match and, as each is handed out, its shape. A stored
+    tensor is read when handed out, one at a time (shard.materialize slices it)."""
     missing = sorted(set(shapes) - set(tensors))
     unexpected = sorted(set(tensors) - set(shapes))
     if missing or unexpected:
@@ -146,7 +224,7 @@ def checked_weights(
                 f"{source}: {name} has shape {tuple(value.shape)}, this model expects "
                 f"{tuple(shape)}"
             )
-        yield name, value
+        yield name, value.whole() if isinstance(value, shards.Stored) else value
 
 
 def load_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
@@ -184,34 +262,38 @@ def _ensure_optimizer_state(engine: Any, step: float) -> None:
 def restore_state(
     engine: Any,
     ctx: ParallelContext,
-    tensors: Mapping[str, Mapping[str, torch.Tensor]],
+    tensors: Mapping[str, Any],
     step: float,
     names: Mapping[str, str] | None = None,
+    *,
+    with_optimizer: bool = True,
 ) -> None:
-    """Set fp32 master weights and AdamW state from whole tensors; every rank calls this.
+    """Set fp32 master weights and, ``with_optimizer``, AdamW state from a checkpoint's
+    tensors (``Checkpoint.tensors``: each rank reads only its parameters' boxes); every rank
+    calls this.
 
     The model weights were already loaded before the engine was built (:func:`checked_weights`);
     the fp32 masters are set again here because a bf16 run built them from bf16 weights.
-    ``tensors[name]`` has "param" and, unless the checkpoint holds weights only, the OPTIM_KEYS;
     ``step`` is AdamW's step count to restore (:func:`optimizer_step` of the saving run).
     """
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    with_optimizer = all(k in t for t in tensors.values() for k in OPTIM_KEYS)
     if with_optimizer:
         _ensure_optimizer_state(engine, step)
     base, masters = _base_optimizer(engine), _masters(engine)
+    keys = OPTIM_KEYS if with_optimizer else ()
     for name, p in engine.module.named_parameters():
-        whole = tensors[(names or {}).get(name, name)]
+        entry = tensors[(names or {}).get(name, name)]
+        local_shape = tuple(p.ds_shape) if hasattr(p, "ds_id") else tuple(p.shape)
+        box = owned_box(p, local_shape, ctx)
+        mine = {kind: entry.stored(kind).box(*box) for kind in ("param", *keys)}
         if _is_deepspeed_managed(p):
-            safe_set_full_fp32_param(p, local_slice(whole["param"], p, ctx))
-            if with_optimizer:
-                for key in OPTIM_KEYS:
-                    safe_set_full_optimizer_state(p, local_slice(whole[key], p, ctx), key)
+            safe_set_full_fp32_param(p, mine["param"])
+            for key in keys:
+                safe_set_full_optimizer_state(p, mine[key], key)
             continue
         master = masters.get(id(p), p)
         with torch.no_grad():
-            master.copy_(local_slice(whole["param"], p, ctx))
-        if with_optimizer:
-            for key in OPTIM_KEYS:
-                base.state[master][key].copy_(local_slice(whole[key], p, ctx))
+            master.copy_(mine["param"])
+        for key in keys:
+            base.state[master][key].copy_(mine[key])

@@ -150,7 +150,7 @@ def build_run(cfg: RunConfig, ctx: ParallelContext) -> Run:
     if tensors is None:
         built = build_model(cfg, ctx, vocab)
     else:
-        weights = {name: t["param"] for name, t in tensors.items()}
+        weights = dict(tensors.params())  # read one at a time as the model is filled
         built = build_model(cfg, ctx, vocab, weights, str(ckpt.path))
     engine = build_engine(built.module, cfg, ctx)
     run_state: dict[str, Any] = {"step": 0, "consumed_samples": 0}
