@@ -403,8 +403,10 @@ def test_model_on_cpu_is_the_plain_pytorch_model(monkeypatch, style):
     plain = types.SimpleNamespace(
         layer_norm=lambda x, w, b, eps, impl: F.layer_norm(x, x.shape[-1:], w, b, eps),
         rms_norm=lambda x, w, eps, impl: F.rms_norm(x, x.shape[-1:], w, eps),
-        causal_attention=lambda q, k, v, p, impl: F.scaled_dot_product_attention(
-            q, k, v, dropout_p=p, is_causal=True, enable_gqa=True
+        causal_attention=lambda q, k, v, p, impl, segments: (
+            F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=True)
+            if segments is None
+            else None
         ),
     )
     monkeypatch.setattr("megatron_llm.model.gpt.kernels", plain)

@@ -21,6 +21,11 @@ class DataConfig:
     # Fine-tuning instead of shards: a jsonl of {"prompt": ..., "response": ...} records.
     prompt_response_jsonl: str | None = None
     mask_prompt: bool = True  # with prompt_response_jsonl: no loss on the prompt's tokens
+    # Packed documents (data/batch.py): a token attends only within its own document, the EOD
+    # token that ends a document belonging to it (Megatron-LM's --reset-attention-mask).
+    reset_attention_mask: bool = False
+    # Positions restart at 0 after each EOD token (Megatron-LM's --reset-position-ids).
+    reset_position_ids: bool = False
 
     def __post_init__(self) -> None:
         if self.weights is not None:

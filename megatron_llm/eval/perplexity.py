@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from megatron_llm.data.batch import input_label_pairs, inputs_and_labels
+from megatron_llm.data.batch import DocumentMasking, input_label_pairs, model_inputs
 from megatron_llm.data.sampler import SizedTokenDataset, micro_batches
 from megatron_llm.parallel.engine import engine_device
 from megatron_llm.parallel.groups import ParallelContext, mean_over_dp
@@ -23,8 +23,10 @@ def validation_loss(
     iters: int,
     micro_batch_size: int,
     ctx: ParallelContext,
+    masking: DocumentMasking | None = None,
 ) -> float:
-    """Mean token loss over ``iters`` micro-batches per rank, always the same samples."""
+    """Mean token loss over ``iters`` micro-batches per rank, always the same samples;
+    ``masking``: packed documents' ids for the model, as in training."""
     batches = micro_batches(
         dataset,
         consumed_samples=0,
@@ -33,7 +35,7 @@ def validation_loss(
         dp_size=ctx.dp,
     )
     if hasattr(engine, "eval_batch"):  # a pipeline engine: the schedule runs the stages
-        loss = engine.eval_batch(input_label_pairs(batches), num_micro_batches=iters)
+        loss = engine.eval_batch(input_label_pairs(batches, masking), num_micro_batches=iters)
         return mean_over_dp(loss.detach().float(), ctx)
     engine.eval()
     device = engine_device(engine)
@@ -41,7 +43,8 @@ def validation_loss(
     with torch.no_grad():
         for _ in range(iters):
             tokens = next(batches).to(device, non_blocking=True)  # (micro_batch, seq + 1)
-            total += engine(*inputs_and_labels(tokens)).float()
+            inputs, labels, ids = model_inputs(tokens, masking)
+            total += engine(inputs, labels, **ids).float()
     engine.train()
     return mean_over_dp(total / iters, ctx)  # host sync: one per evaluation
 

@@ -185,12 +185,17 @@ def causal_attention(
     v: torch.Tensor,
     dropout_p: float = 0.0,
     impl: Impl = "auto",
+    segments: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: (batch, heads, seq, head_dim); k, v: (batch, kv_heads, seq, head_dim); returns
-    (batch, heads, seq, head_dim). Query head h reads key/value head h // (heads // kv_heads)."""
-    mode = _use_fused(impl, q, k, v)
-    if mode and _attention_fits(q, k, v, dropout_p):
+    (batch, heads, seq, head_dim). Query head h reads key/value head h // (heads // kv_heads).
+    ``segments`` (batch, seq): packed documents; a query sees only earlier keys of its own
+    segment (document-causal)."""
+    mode = _use_fused(impl, q, k, v, segments)
+    # Our kernel has no segment mode yet: with segments torch's path runs, never the kernel
+    # without them.
+    if mode and segments is None and _attention_fits(q, k, v, dropout_p):
         shape = measured.attention_class(q.shape[-1], q.shape[1], k.shape[1], q.shape[2])
         if _chosen(mode, "attention", q, shape):
             return fused.CausalAttentionFunction.apply(q, k, v)
-    return reference.causal_attention(q, k, v, dropout_p)
+    return reference.causal_attention(q, k, v, dropout_p, segments)

@@ -107,6 +107,14 @@ def attend_after_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     )  # (batch, heads, q_len, head_dim)
 
 
+def token_positions(context, start: int, seq: int, device: torch.device) -> torch.Tensor:
+    """The global positions of the ``seq`` tokens a rank holds: start..start+seq-1, or under
+    context parallelism (``context``: parallel/context.py) its two chunks' positions."""
+    if context is None:
+        return torch.arange(start, start + seq, device=device)
+    return context.positions(seq)
+
+
 class Rotary(nn.Module):
     """RoPE tables for positions 0..seq_length-1 (rotate-half layout, as in Llama)."""
 
@@ -119,11 +127,17 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """x: (batch, heads, seq, head_dim) at positions start..start+seq-1."""
+    def forward(
+        self, x: torch.Tensor, start: int = 0, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: (batch, heads, seq, head_dim) at positions start..start+seq-1, or at
+        ``positions`` (seq,) when given (a context-parallel rank's chunks)."""
         seq = x.shape[-2]
-        cos = self.cos[start : start + seq].to(x.dtype)
-        sin = self.sin[start : start + seq].to(x.dtype)
+        where = slice(start, start + seq) if positions is None else positions
+        cos = self.cos[where].to(x.dtype)
+        sin = self.sin[where].to(x.dtype)
+        if cos.dim() == 3:  # per-sample positions (batch, seq): documents restart at 0
+            cos, sin = cos[:, None], sin[:, None]  # (batch, 1, seq, head_dim)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -144,8 +158,19 @@ class Attention(nn.Module):
         self.kernels = cfg.kernels
         # Tensor parallelism splits the heads, so their dropout needs a per-rank RNG stream.
         self.dropout_rng = contextlib.nullcontext
+        # Context parallelism (parallel/context.py installs it): this rank holds two chunks of
+        # the sequence and attends to the others' keys and values around a ring.
+        self.context = None
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: LayerCache | None = None,
+        segments: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """segments (batch, seq): packed documents, attention stays within one; positions
+        (batch, seq): each token's position within its document (data/batch.py)."""
         # Head counts come from the shapes: under tensor parallelism a rank holds some heads.
         # (batch, seq, heads * head_dim) -> (batch, heads, seq, head_dim)
         q, k, v = (
@@ -154,7 +179,9 @@ class Attention(nn.Module):
         )
         start = cache.length if cache is not None else 0
         if self.rotary is not None:
-            q, k = self.rotary(q, start), self.rotary(k, start)
+            if positions is None and self.context is not None:
+                positions = self.context.positions(q.shape[2])
+            q, k = self.rotary(q, start, positions), self.rotary(k, start, positions)
         if cache is not None:
             k, v = cache.extend(k, v)  # (batch, kv_heads, start + seq, head_dim)
             if start > 0:
@@ -162,7 +189,12 @@ class Attention(nn.Module):
                 return self.out(y.transpose(1, 2).flatten(2))
         with self.dropout_rng():
             dropout = self.dropout if self.training else 0.0
-            y = kernels.causal_attention(q, k, v, dropout, self.kernels)
+            if self.context is not None and segments is not None:
+                y = self.context.attention(q, k, v, segments=segments)
+            elif self.context is not None:  # dropout: refused with cp (parallel/context.py)
+                y = self.context.attention(q, k, v)
+            else:
+                y = kernels.causal_attention(q, k, v, dropout, self.kernels, segments=segments)
         # (batch, heads, seq, head_dim) -> (batch, seq, heads * head_dim)
         return self.out(y.transpose(1, 2).flatten(2))
 
@@ -207,8 +239,14 @@ class Block(nn.Module):
         self.mlp = mlp_for_layer(cfg, layer)  # MLP or MoE
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), cache))
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: LayerCache | None = None,
+        segments: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), cache, segments, positions))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -291,6 +329,8 @@ class GPT(nn.Module):
                 None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, vocab_size, bias=False)
             )
         self.loss_fn = cross_entropy  # vocab-parallel under tensor parallelism
+        # Context parallelism (parallel/context.py): the tokens are this rank's sequence chunks.
+        self.context = None
         # Activation checkpointing (train.activation_checkpointing): recompute each segment of
         # this many blocks in backward; 0 keeps every activation.
         self.checkpoint_every = 0
@@ -310,11 +350,18 @@ class GPT(nn.Module):
         tokens: torch.Tensor,
         labels: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        *,
+        segments: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens: (batch, seq). Returns the mean loss if labels, else logits (batch, seq, vocab);
         under tensor parallelism each rank's logits are its slice of the vocabulary. With a
-        cache, tokens continue the cached positions and their keys/values join the cache."""
+        cache, tokens continue the cached positions and their keys/values join the cache.
+        Packed documents (data/batch.py document_ids): ``segments`` (batch, seq) keeps
+        attention inside each document, ``positions`` (batch, seq) restarts positions in each."""
         seq = tokens.shape[1]
+        if cache is not None and (segments is not None or positions is not None):
+            raise ValueError("segments/positions are for training batches, not KV-cache decoding")
         pos = cache.length if cache is not None else 0
         if pos + seq > self.cfg.seq_length:
             raise ValueError(
@@ -322,8 +369,10 @@ class GPT(nn.Module):
             )
         x = self.embed(tokens)  # (batch, seq, hidden)
         if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(pos, pos + seq, device=tokens.device))
+            where = token_positions(self.context, pos, seq, tokens.device)
+            x = x + self.pos_embed(where if positions is None else positions)
         x = self.dropout(self.scatter_sequence(x))
+        docs = (segments, positions)  # every block's attention reads them
         if cache is not None:  # decoding: each block reads and extends its own cache
             for block, layer_cache in zip(self.blocks, cache.layers, strict=True):
                 x = block(x, layer_cache)
@@ -331,9 +380,9 @@ class GPT(nn.Module):
             k = self.checkpoint_every
             for start in range(0, len(self.blocks), k or len(self.blocks)):
                 if k and self.training:  # keep segment inputs only; recompute the rest in backward
-                    x = checkpoint(self._blocks, x, start, start + k, use_reentrant=False)
+                    x = checkpoint(self._blocks, x, start, start + k, *docs, use_reentrant=False)
                 else:
-                    x = self._blocks(x, start, start + (k or len(self.blocks)))
+                    x = self._blocks(x, start, start + (k or len(self.blocks)), *docs)
         x = self.final_norm(x)
         # (batch, seq, vocab); under tensor parallelism each rank holds a slice of the vocab
         logits = self.embed.attend(x) if self.head is None else self.head(x)
@@ -341,9 +390,16 @@ class GPT(nn.Module):
             return logits
         return self.loss_fn(logits, labels)
 
-    def _blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    def _blocks(
+        self,
+        x: torch.Tensor,
+        start: int,
+        stop: int,
+        segments: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         for block in self.blocks[start:stop]:
-            x = block(x)
+            x = block(x, None, segments, positions)
         return x
 
     def num_parameters(self) -> int:

@@ -7,6 +7,13 @@ flat list of pipeline layers, in the order of ``GPT.layer_prefixes``:
     [embedding] [positions + dropout (+ sequence scatter)] [block 0] ... [block L-1]
     [final norm] [head]
 
+With document masking (data.reset_attention_mask / reset_position_ids) the activations between
+layers and stages are the tuple (hidden, *document ids), the ids in ``DocumentMasking.fields``
+order (int64, no grad: DeepSpeed's engine sends non-float tensors forward and no gradient back):
+every block reads them, and the final norm drops them. They are activations, not a shared
+context, because under 1F1B with activation checkpointing a block recomputes micro-batch i
+after the forward of micro-batch i + 1.
+
 The first stage holds the embedding, the last the final norm, the head and the loss. With tied
 embeddings the head is the embedding itself: a ``TiedLayerSpec`` builds it on both stages and
 DeepSpeed sums the two gradients (``allreduce_tied_weight_gradients``). Blocks are split across
@@ -26,7 +33,8 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megatron_llm.model.gpt import GPT, Block
+from megatron_llm.data.batch import document_fields
+from megatron_llm.model.gpt import GPT, Block, token_positions
 from megatron_llm.parallel.groups import ParallelContext
 
 if TYPE_CHECKING:
@@ -36,12 +44,16 @@ if TYPE_CHECKING:
 class EmbeddingPipe(nn.Module):
     """Token embedding; on the last stage of a tied model, also the output head."""
 
-    def __init__(self, embed: nn.Module) -> None:
+    def __init__(self, embed: nn.Module, carries: bool = False) -> None:
         super().__init__()
         self.embed = embed
+        self.carries = carries  # the input is (tokens, *document ids): pass the ids on
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.embed(tokens)  # (batch, seq, hidden)
+    def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> Any:
+        if self.carries:
+            tokens, *ids = inputs
+            return (self.embed(tokens), *ids)  # (batch, seq, hidden), ids unchanged
+        return self.embed(inputs)  # (batch, seq, hidden)
 
 
 def tied_head(module: EmbeddingPipe, x: torch.Tensor) -> torch.Tensor:
@@ -51,16 +63,47 @@ def tied_head(module: EmbeddingPipe, x: torch.Tensor) -> torch.Tensor:
 class InputPipe(nn.Module):
     """Learned positions, embedding dropout and, under sequence parallelism, the scatter."""
 
-    def __init__(self, model: GPT) -> None:
+    def __init__(self, model: GPT, fields: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.pos_embed = model.pos_embed
         self.scatter_sequence = model.scatter_sequence
         self.dropout = model.dropout
+        self.fields = fields  # the document ids carried after the hidden states
+        self.context = model.context  # cp: the tokens are this rank's chunks (global positions)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> Any:
+        x, ids = (inputs[0], inputs[1:]) if self.fields else (inputs, ())
         if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(x.shape[1], device=x.device))
-        return self.dropout(self.scatter_sequence(x))
+            positions = dict(zip(self.fields, ids, strict=True)).get("positions")
+            if positions is None:
+                positions = token_positions(self.context, 0, x.shape[1], x.device)
+            x = x + self.pos_embed(positions)
+        x = self.dropout(self.scatter_sequence(x))
+        return (x, *ids) if self.fields else x
+
+
+class BlockPipe(nn.Module):
+    """A block reading the document ids carried beside the hidden states, and passing them on."""
+
+    def __init__(self, block: Block, fields: tuple[str, ...]) -> None:
+        super().__init__()
+        self.block = block
+        self.fields = fields
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x, *ids = inputs
+        return (self.block(x, None, **dict(zip(self.fields, ids, strict=True))), *ids)
+
+
+class DropIds(nn.Module):
+    """The final norm, dropping the document ids: the head and the loss read hidden states."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return self.norm(inputs[0])
 
 
 class Pipeline(PipelineModule):
@@ -126,13 +169,17 @@ def build_pipeline(model: GPT, ctx: ParallelContext, cfg: RunConfig) -> Pipeline
     p = cfg.parallel
     counts = split_blocks(model, ctx.pp, p.pipeline_partition, p.pipeline_split)
     tied = model.head is None
+    fields = document_fields(cfg.data)
+    carries = bool(fields)
     layers: list[Any] = [
-        TiedLayerSpec("embed", EmbeddingPipe, model.embed, tied_weight_attr=["embed.weight"])
+        TiedLayerSpec(
+            "embed", EmbeddingPipe, model.embed, carries, tied_weight_attr=["embed.weight"]
+        )
         if tied
-        else EmbeddingPipe(model.embed),
-        InputPipe(model),
-        *model.blocks,
-        model.final_norm,
+        else EmbeddingPipe(model.embed, carries),
+        InputPipe(model, fields),
+        *(BlockPipe(block, fields) if carries else block for block in model.blocks),
+        DropIds(model.final_norm) if carries else model.final_norm,
         TiedLayerSpec(
             "embed",
             EmbeddingPipe,
@@ -155,7 +202,7 @@ def build_pipeline(model: GPT, ctx: ParallelContext, cfg: RunConfig) -> Pipeline
         loss_fn=model.loss_fn,
         activation_checkpoint_interval=every,
         activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False),
-        checkpointable_layers=[Block.__name__],
+        checkpointable_layers=[Block.__name__, BlockPipe.__name__],
     )
 
 

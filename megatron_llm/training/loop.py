@@ -12,7 +12,12 @@ from deepspeed import DeepSpeedEngine
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from megatron_llm.config import RunConfig
-from megatron_llm.data.batch import input_label_pairs, inputs_and_labels
+from megatron_llm.data.batch import (
+    DocumentMasking,
+    document_masking,
+    input_label_pairs,
+    model_inputs,
+)
 from megatron_llm.eval.perplexity import perplexity, validation_loss
 from megatron_llm.parallel.engine import engine_device
 from megatron_llm.parallel.groups import ParallelContext, mean_over_dp
@@ -49,13 +54,15 @@ def train_step(
     batches: Iterator[torch.Tensor],
     accum: int,
     tp_group: dist.ProcessGroup | None = None,
+    masking: DocumentMasking | None = None,
 ) -> tuple[torch.Tensor, float | None]:
-    """One optimizer step over ``accum`` micro-batches: (this rank's mean loss, grad norm)."""
+    """One optimizer step over ``accum`` micro-batches: (this rank's mean loss, grad norm).
+    ``masking``: packed documents' ids for the model (data.reset_attention_mask / positions)."""
     if isinstance(engine, PipelineEngine):
         # The 1F1B schedule runs the accum micro-batches through the stages (DeepSpeed moves
         # them to its device); the loss comes back averaged over micro-batches and data-parallel
         # ranks, on every stage.
-        loss = engine.train_batch(input_label_pairs(batches))
+        loss = engine.train_batch(input_label_pairs(batches, masking))
         norm = engine.get_global_grad_norm()  # float() below: a host sync when it is a tensor
         return loss.detach().float(), None if norm is None else float(norm)
     device = engine_device(engine)
@@ -64,7 +71,8 @@ def train_step(
     for _ in range(accum):
         # (micro_batch, seq + 1), read on the CPU; the copy is queued behind the device's work
         tokens = next(batches).to(device, non_blocking=True)
-        loss = engine(*inputs_and_labels(tokens))
+        inputs, labels, ids = model_inputs(tokens, masking)  # ids on the device, from the tokens
+        loss = engine(inputs, labels, **ids)
         engine.backward(loss)
         if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
             measured = local_grad_norm(engine, tp_group)  # before step() clips and clears them
@@ -152,7 +160,11 @@ def measured_step(
     cfg, engine = run.cfg, run.engine
     lr = engine.get_lr()[0]  # the rate this step uses; after step() it is the next one's
     local_loss, grad_norm = train_step(
-        engine, batches, cfg.train.grad_accum_steps, run.ctx.tp_group
+        engine,
+        batches,
+        cfg.train.grad_accum_steps,
+        run.ctx.tp_group,
+        document_masking(cfg.data, run.tokenizer.eod),
     )
     loss = mean_over_dp(local_loss, run.ctx)  # host sync: the loss every rank logs and checks
     log.count_tokens(run.global_batch * cfg.model.seq_length)
@@ -178,6 +190,7 @@ def evaluate(run: Run) -> float:
         iters=run.cfg.eval.iters,
         micro_batch_size=run.cfg.train.micro_batch_size,
         ctx=run.ctx,
+        masking=document_masking(run.cfg.data, run.tokenizer.eod),
     )
 
 
