@@ -205,7 +205,12 @@ class MoE(nn.Module):
         self.last_stats = routing.stats
         if self.training and not recomputing():
             self.stats = routing.stats if self.stats is None else self.stats + routing.stats
-        tokens = flat[routing.token]  # (kept, hidden) sorted by global expert
+        # (kept, hidden) sorted by global expert. Gathered from a (n, k, hidden) view at unique
+        # (token, j): backward scatters without collisions and sums over k, deterministic on
+        # CUDA (flat[token] would accumulate a token's k copies with atomics).
+        tokens = flat.unsqueeze(1).expand(-1, self.moe.top_k, -1)[
+            routing.token, routing.slot % self.moe.top_k
+        ]
         local, counts = self.dispatcher.dispatch(tokens, routing.per_expert)
         out = self.dispatcher.combine(self.experts(local, counts))  # (kept, hidden)
         y = self.weighted_sum(out, routing, flat.shape[0])  # (n, hidden)
