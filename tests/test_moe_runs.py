@@ -180,3 +180,69 @@ def _tensorboard(folder: Path) -> dict[str, dict[int, float]]:
             for value in event.summary.value:
                 scalars.setdefault(value.tag, {})[event.step] = value.tensor.float_val[0]
     return scalars
+
+
+def test_resume_at_ep2_is_bitwise(tmp_path: Path, email_shard: Shard, bpe_model: Path) -> None:
+    """dp=2 x ep=2, ZeRO 1, dropout, two micro-batches: 4 steps straight == 2 steps, stop,
+    resume, 2 steps: losses and MoE metrics bitwise."""
+    common = ["parallel.dp=2", "parallel.ep=2", "train.steps=4", "train.grad_accum_steps=2"]
+    common += ["train.micro_batch_size=2", "model.dropout=0.1", "model.moe.capacity_factor=1.5"]
+    runs = [
+        _args(tmp_path / "straight", email_shard, bpe_model, *common),
+        _args(tmp_path / "resumed", email_shard, bpe_model, *common, "train.exit_interval=2"),
+        _args(tmp_path / "resumed", email_shard, bpe_model, *common),
+    ]
+    straight, first, resumed = run_on_ranks(2, moe_runs, runs)[0]
+    assert first["stopped"] == "train.exit_interval=2 reached"
+    assert resumed["first_step"] == 3
+    assert straight["losses"] == first["losses"] + resumed["losses"]  # bitwise
+    moe = [k for k in straight["records"][0] if k.startswith("moe_")]
+    assert len(moe) == 7
+    for a, b in zip(straight["records"][2:], resumed["records"][2:], strict=True):
+        assert {k: a[k] for k in moe} == {k: b[k] for k in moe}, a["step"]
+
+
+RESHAPE_STEPS = 4
+# fp32 without dropout: another ep only changes the order of the gradient sums
+RESHAPE_ATOL = 1e-5
+
+
+def _reshape_runs(tmp: Path, shard: Shard, bpe_model: Path, save_ep: int, load_ep: int) -> list:
+    """dp=4 straight at ep=save_ep (saving halfway), and its checkpoint continued at load_ep."""
+    half = RESHAPE_STEPS // 2
+    common = ["parallel.dp=4", "train.micro_batch_size=1", f"train.steps={RESHAPE_STEPS}"]
+    common += [f"checkpoint.save_interval={half}", "checkpoint.save_at_end=false"]
+    saved = tmp / f"straight/checkpoints/global_step{half}"
+    return [
+        _args(tmp / "straight", shard, bpe_model, *common, f"parallel.ep={save_ep}"),
+        _args(
+            tmp / "reshaped",
+            shard,
+            bpe_model,
+            *common,
+            f"parallel.ep={load_ep}",
+            f"checkpoint.resume={saved}",
+        ),
+    ]
+
+
+def test_reshape_between_expert_layouts_continues_the_run(
+    tmp_path: Path, email_shard: Shard, bpe_model: Path
+) -> None:
+    """ep=2 -> ep=1 and ep=1 -> ep=4 (dp=4, ZeRO 1): the continued losses and MoE metrics
+    equal the straight run's within 1e-5."""
+    runs = _reshape_runs(tmp_path / "a", email_shard, bpe_model, 2, 1)
+    runs += _reshape_runs(tmp_path / "b", email_shard, bpe_model, 1, 4)
+    results = run_on_ranks(4, moe_runs, runs)[0]
+    half = RESHAPE_STEPS // 2
+    for case in (0, 1):
+        straight, reshaped = results[2 * case : 2 * case + 2]
+        assert reshaped["first_step"] == half + 1
+        gaps = [abs(a - b) for a, b in zip(reshaped["losses"], straight["losses"][half:])]
+        print(f"reshape case {case}: loss gaps to the straight run {gaps}")
+        assert max(gaps) < RESHAPE_ATOL, gaps
+        # the reshaped run logs to a fresh folder: its records are steps half+1.. only
+        for a, b in zip(straight["records"][half:], reshaped["records"], strict=True):
+            assert a["step"] == b["step"]
+            assert a["moe_tokens_per_expert_max"] == b["moe_tokens_per_expert_max"]
+            assert a["moe_aux_loss"] == pytest.approx(b["moe_aux_loss"], abs=1e-5)
