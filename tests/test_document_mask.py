@@ -98,6 +98,37 @@ def test_packed_documents_equal_each_document_alone(style: str, checkpointed: bo
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+def _rope_at(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """RoPE (rotate-half) of x (batch, heads, seq, d) at positions (batch, seq), in float64."""
+    d = x.shape[-1]
+    inv = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles = positions.double()[..., None] * inv  # (batch, seq, d / 2)
+    cos, sin = (f(torch.cat([angles, angles], -1))[:, None] for f in (torch.cos, torch.sin))
+    x1, x2 = x.double().chunk(2, -1)
+    return (x.double() * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
+
+
+def test_rope_positions_reach_every_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under the document mask RoPE's reset is invisible (scores depend on position
+    # differences within a document), so check it alone: every layer rotates q and k at the
+    # per-document positions, against RoPE computed here from those positions.
+    torch.manual_seed(0)
+    cfg = tiny("llama")
+    model = GPT(cfg, 64)
+    samples = packed_documents(1, 24, seed=5)[0]
+    only = DocumentMasking(eod=EOD, reset_position_ids=True)
+    inputs, _, ids = model_inputs(samples, only)
+    assert set(ids) == {"positions"} and ids["positions"].max() < 20
+    logits = model(inputs, **ids)
+    from megatron_llm.model import gpt
+
+    def rope(self, x, start=0, positions=None):  # the reference, whatever the model passes
+        return _rope_at(x, ids["positions"], cfg.rope_theta)
+
+    monkeypatch.setattr(gpt.Rotary, "forward", rope)
+    torch.testing.assert_close(logits, model(inputs), rtol=1e-5, atol=1e-5)
+
+
 def test_sdpa_mask_path_equals_block_attention() -> None:
     # The model's PyTorch path (SDPA with the document-causal mask) against block_attention.
     from megatron_llm import kernels
