@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 # environments on the machine neither rebuild it nor race on it.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: setup pretrain test lint clean-data
+.PHONY: setup pretrain pretrain-moe test lint clean-data
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ setup: $(STAMP)
 
 pretrain: $(STAMP)
 	PATH="$(BIN):$$PATH" bash launch/default_run.sh
+
+# The default run as a tiny mixture of experts: every MLP 4 experts of half its width, top-2 (the
+# dense run's active FLOPs), split over the 2 CPU ranks by expert parallelism. On one GPU add
+# parallel.ep=1 (ep must divide the number of data-parallel ranks).
+MOE_TINY := model.moe.num_experts=4 model.moe.top_k=2 model.moe.expert_ffn_hidden_size=256 \
+	parallel.ep=2 logging.dir=runs/default-moe checkpoint.dir=runs/default-moe/checkpoints
+pretrain-moe: $(STAMP)
+	PATH="$(BIN):$$PATH" bash launch/default_run.sh $(MOE_TINY)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -246,3 +246,59 @@ def test_reshape_between_expert_layouts_continues_the_run(
             assert a["step"] == b["step"]
             assert a["moe_tokens_per_expert_max"] == b["moe_tokens_per_expert_max"]
             assert a["moe_aux_loss"] == pytest.approx(b["moe_aux_loss"], abs=1e-5)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _makefile_moe_line() -> list[str]:
+    """The overrides `make pretrain-moe` passes to the default run (Makefile MOE_TINY)."""
+    text = (REPO / "Makefile").read_text().replace("\\\n", " ")
+    line = next(x for x in text.splitlines() if x.startswith("MOE_TINY :="))
+    return line.split(":=", 1)[1].split()
+
+
+def test_shipped_moe_configs_load() -> None:
+    from megatron_llm.config import load_config
+    from megatron_llm.model.shape import flops_per_token, model_parameters
+
+    big = load_config(REPO / "configs" / "moe_8x.yaml")
+    assert (big.model.moe.num_experts, big.model.moe.top_k, big.parallel.ep) == (8, 2, 8)
+    assert big.parallel.zero_stage in (1, 2)  # what ep needs
+    # the numbers its comment states
+    assert round(model_parameters(big.model, 32000) / 1e9, 2) == 4.73
+    assert round(model_parameters(big.model, 32000, active=True) / 1e9, 2) == 1.41
+    dense = load_config(REPO / "configs" / "default.yaml")
+    tiny = load_config(REPO / "configs" / "default.yaml", _makefile_moe_line())
+    assert tiny.model.moe.num_experts == 4 and tiny.parallel.ep == 2
+    # "the dense run's active FLOPs": half-width experts, top-2 (plus the small router)
+    ratio = flops_per_token(tiny.model, 4096) / flops_per_token(dense.model, 4096)
+    assert 1.0 < ratio < 1.01, ratio
+
+
+def test_mfu_counts_active_parameters_only() -> None:
+    """TFLOP/s (and so MFU) from the active parameters, against a count of a built model's
+    matmul weights: each routed expert's share top_k / num_experts, the rest whole."""
+    from megatron_llm.config import load_config
+    from megatron_llm.model.gpt import GPT
+    from megatron_llm.training.health import StepMonitor
+
+    cfg = load_config(None, [*MOE, "model.moe.shared_experts=1", "model.moe.first_dense=1"])
+    cfg.model.num_layers = 3
+    vocab = 256
+    model = GPT(cfg.model, vocab)
+    matmul = 0.0
+    for name, p in model.named_parameters():
+        if ".experts." in name:
+            matmul += p.numel() * TOP_K / EXPERTS
+        elif p.dim() == 2 and not name.startswith("pos_embed"):
+            matmul += p.numel()
+    if model.head is not None:  # an untied embedding is a lookup, no matmul (tied: the head)
+        matmul -= model.embed.weight.numel()
+    m = cfg.model
+    attention = m.num_layers * 4 * m.seq_length * m.num_heads * m.head_dim
+    expected = 3 * (2 * matmul + attention)
+    world = 4
+    monitor = StepMonitor(cfg, world, vocab, global_batch=8)
+    tflops = monitor.throughput(tokens_per_s=1e12)["tflops_per_device"]
+    assert tflops * world == pytest.approx(expected, rel=1e-9)
