@@ -19,6 +19,7 @@ from megatron_llm.data.batch import (
     model_inputs,
 )
 from megatron_llm.eval.perplexity import perplexity, validation_loss
+from megatron_llm.model.shape import model_parameters
 from megatron_llm.parallel.engine import engine_device
 from megatron_llm.parallel.groups import ParallelContext, mean_over_dp
 from megatron_llm.training.health import StepMonitor
@@ -197,15 +198,19 @@ def evaluate(run: Run) -> float:
 def opening_summary(run: Run) -> dict[str, Any]:
     """The summary's fields known before the first step; printed by the logging rank."""
     cfg, ctx = run.cfg, run.ctx
+    # MoE: what a token runs through, the count MFU is measured on (model/shape.py)
+    active = model_parameters(cfg.model, run.model.vocab_size, active=True)
+    moe = f" ({active:,} active per token)" if cfg.model.moe.num_experts else ""
     if ctx.is_logging_rank:
         print(
-            f"model: {run.parameters:,} parameters, {cfg.model.style} style; "
+            f"model: {run.parameters:,} parameters{moe}, {cfg.model.style} style; "
             f"world {ctx.world_size} = tp {ctx.tp} x pp {ctx.pp} x dp {ctx.dp}; "
             f"global batch {run.global_batch} x {cfg.model.seq_length} tokens",
             flush=True,
         )
     return {
         "parameters": run.parameters,
+        "active_parameters": active,
         "world_size": ctx.world_size,
         "global_batch_size": run.global_batch,
         "first_step": run.step + 1,
