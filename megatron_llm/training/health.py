@@ -5,9 +5,8 @@ the formula is): 3 x forward, with attention, no recomputation counted, so this 
 hardware utilisation; a mixture-of-experts model (model.moe) counts only its active parameters,
 the router's top-k experts of each MoE layer, as Megatron-LM and DeepSeek report MFU
 (tests/test_moe_runs.py checks it against a built model). MFU = achieved FLOP/s per device / the
-device's dense bf16 peak. Peaks are
-dense figures, never the 2:4 sparsity ones; a device not in the table reports TFLOP/s and no MFU
-rather than a wrong one.
+device's dense bf16 peak. Peaks are dense figures, never the 2:4 sparsity ones; a device not in
+the table reports TFLOP/s and no MFU rather than a wrong one.
 """
 
 from __future__ import annotations
