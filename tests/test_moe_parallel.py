@@ -1,10 +1,11 @@
 """Expert parallelism on real gloo ranks matches one process (issue 17).
 
-A tiny MoE (4 experts, top-2, load-balancing and z-loss on, every layer) trains 3 steps at ep=2,
-ep=4, ep=2 x tp=2, ep=2 x dp=2 (ZeRO 1 and 2) and ep=2 x pp=2, dropless and with a capacity
-factor that drops tokens. Routing, aux losses and dropping are decided per micro-batch, so the
-reference is one process with gradient accumulation over the same micro-batches (micro-batch i
-of the reference is data-parallel rank i's). Per-step losses and grad norms, each micro-batch's
+A tiny MoE (4 experts, top-2, one shared expert, load-balancing and z-loss on, every layer)
+trains 3 steps at ep=2, ep=4, ep=2 x tp=2 (with activation checkpointing), ep=2 x dp=2 (ZeRO 1
+and 2) and ep=2 x pp=2, dropless and with a capacity factor that drops tokens. Routing, aux
+losses and dropping are decided per micro-batch, so the reference is one process with gradient
+accumulation over the same micro-batches (micro-batch i of the reference is data-parallel rank
+i's). Per-step losses and grad norms, each micro-batch's
 aux loss, z-loss, tokens per expert and dropped count, and each rank's step-0 gradients of its
 expert rows and routers must equal the reference's (fp32, 1e-5). Each world size is spawned
 once and trains all its layouts in turn.
@@ -42,13 +43,20 @@ TWO_RANKS = {  # layout name: (its overrides, the reference it must match)
 FOUR_RANKS = {
     "ep4 gpt2": (_moe("gpt2", dp=4, zero=1, parallel__ep=4), "gpt2 accum4"),
     "ep4 cap": (_moe(dp=4, zero=2, parallel__ep=4, capacity=True), "accum4 cap"),
-    "ep2 tp2": (_moe(tp=2, dp=2, zero=1, parallel__ep=2), "accum2"),
+    # Recomputed blocks dispatch again in backward: the all-to-alls must stay matched.
+    "ep2 tp2 recompute": (
+        _moe(tp=2, dp=2, zero=1, parallel__ep=2, train__activation_checkpointing=1),
+        "accum2",
+    ),
     "ep2 tp2 cap": (_moe(tp=2, dp=2, zero=2, parallel__ep=2, capacity=True), "accum2 cap"),
     "ep2 dp2 zero1": (_moe(dp=4, zero=1, parallel__ep=2), "accum4"),
     "ep2 dp2 zero2": (_moe(dp=4, zero=2, parallel__ep=2), "accum4"),
     "ep2 dp2 zero2 cap": (_moe(dp=4, zero=2, parallel__ep=2, capacity=True), "accum4 cap"),
     "ep2 pp2": (_moe(dp=2, zero=1, parallel__ep=2, parallel__pp=2), "accum2"),
-    "ep2 pp2 cap": (_moe(dp=2, zero=1, parallel__ep=2, parallel__pp=2, capacity=True), "accum2 cap"),
+    "ep2 pp2 cap": (
+        _moe(dp=2, zero=1, parallel__ep=2, parallel__pp=2, capacity=True),
+        "accum2 cap",
+    ),
 }
 
 
@@ -120,7 +128,9 @@ def test_expert_rows_are_really_split(two_ranks, four_ranks):
     # ep=2: each rank holds 2 of the 4 experts, at offsets 0 and 2; ep=4: one each.
     offsets = {run["grads"]["blocks.0.mlp.experts.w_in"][0] for run in two_ranks["ep2"]}
     assert offsets == {0, 2}
-    assert {run["grads"]["blocks.0.mlp.experts.w_in"][1].shape[0] for run in two_ranks["ep2"]} == {2}
+    assert {run["grads"]["blocks.0.mlp.experts.w_in"][1].shape[0] for run in two_ranks["ep2"]} == {
+        2
+    }
     offsets = [run["grads"]["blocks.0.mlp.experts.w_in"][0] for run in four_ranks["ep4 gpt2"]]
     assert offsets == [0, 1, 2, 3]
 

@@ -101,6 +101,12 @@ def shard_model(model: GPT, ctx: ParallelContext, *, sequence_parallel: bool, se
 
 
 def _shard_mlp(mlp: nn.Module, tp: TensorParallel) -> None:
+    width = mlp.fc_in.out_features  # the model's ffn width, or an MoE's shared experts'
+    if width % tp.size:
+        raise ValueError(
+            f"an MLP of width {width} does not split over parallel.tp={tp.size}; choose "
+            "model.ffn_hidden_size (or model.moe.shared_experts x expert width) divisible by tp"
+        )
     enter_once(mlp, tp)
     mlp.fc_in = ColumnParallelLinear(mlp.fc_in, tp, entered=True)
     if mlp.fc_gate is not None:
