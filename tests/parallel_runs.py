@@ -286,3 +286,46 @@ def _expert_grads(model: torch.nn.Module, full_grad: Any) -> dict[str, tuple[int
         name: (offset, full_grad(p).detach().float().numpy().copy())
         for name, (offset, p) in grads.items()
     }
+
+
+EOD = 0  # the document runs' end-of-document id (tests/test_document_mask.py)
+
+
+def packed_documents(steps: int, seq_length: int, seed: int = 0) -> torch.Tensor:
+    """(steps, GLOBAL_BATCH, seq + 1) token ids in 1..VOCAB-1 with an EOD about every 5 tokens:
+    every sample packs several documents."""
+    gen = torch.Generator().manual_seed(seed)
+    data = torch.randint(1, VOCAB, (steps, GLOBAL_BATCH, seq_length + 1), generator=gen)
+    ends = torch.rand(data.shape, generator=gen) < 0.2
+    return data.masked_fill(ends, EOD)
+
+
+def train_documents(overrides: list[str]) -> dict:
+    """Steps of the real train_step with the run's document masking (EOD = 0) on packed
+    samples, at any layout (pp included): per-step losses and grad norms."""
+    from megatron_llm.config import load_config
+    from megatron_llm.data.batch import document_masking
+    from megatron_llm.parallel.build import build_model
+    from megatron_llm.parallel.engine import build_engine
+    from megatron_llm.parallel.groups import build_context, mean_over_dp
+    from megatron_llm.training.loop import train_step
+    from megatron_llm.training.run import seed_everything
+
+    cfg = load_config(None, BASE + overrides)
+    ctx = build_context(cfg.parallel)
+    engine = build_engine(build_model(cfg, ctx, VOCAB).module, cfg, ctx)
+    seed_everything(cfg.train.seed + 1 + ctx.dp_rank)
+    accum, micro = cfg.train.grad_accum_steps, cfg.train.micro_batch_size
+    data = packed_documents(cfg.train.steps, cfg.model.seq_length)
+    masking = document_masking(cfg.data, EOD)
+    out: dict[str, Any] = {"losses": [], "norms": []}
+    for step in range(cfg.train.steps):
+        mine = data[step].view(ctx.dp, accum, micro, -1)[ctx.dp_rank]  # (accum, micro, seq+1)
+        loss, norm = train_step(engine, iter(mine), accum, ctx.tp_group, masking)
+        out["losses"].append(mean_over_dp(loss, ctx))
+        out["norms"].append(norm)
+    return out
+
+
+def train_documents_layouts(layouts: list[list[str]]) -> list[dict]:
+    return [train_documents(overrides) for overrides in layouts]
