@@ -38,8 +38,8 @@ def test_each_rank_writes_half_at_dp2_and_zero3_reshapes(
     tmp_path: Path, email_shard: Shard, bpe_model: Path
 ) -> None:
     """dp=2 with ZeRO 0, 1 and 3: the pieces tile every tensor once, each rank wrote half the
-    elements (+- one tensor) and its files hold exactly its pieces; a ZeRO 3 checkpoint
-    restores exactly at tp=2 (every weight and AdamW moment)."""
+    elements (+- one tensor) and its files hold exactly its pieces; the ZeRO 1 and ZeRO 3
+    checkpoints restore exactly at tp=2 (every weight and AdamW moment)."""
     common = ["train.steps=2", "checkpoint.save_interval=2", "train.micro_batch_size=2"]
     zeros = (0, 1, 3)
     runs = [
@@ -47,8 +47,10 @@ def test_each_rank_writes_half_at_dp2_and_zero3_reshapes(
                         f"parallel.zero_stage={z}"))
         for z in zeros
     ]  # fmt: skip
-    resume = [f"checkpoint.resume={tmp_path}/z3/checkpoints/global_step2", "parallel.tp=2"]
-    runs.append(("restored", _args(tmp_path / "tp2", email_shard, bpe_model, *common, *resume)))
+    for z in (1, 3):  # ZeRO 1's partitions cut tensors mid-row: pieces of several boxes
+        resume = [f"checkpoint.resume={tmp_path}/z{z}/checkpoints/global_step2", "parallel.tp=2"]
+        args = _args(tmp_path / f"tp2-from-z{z}", email_shard, bpe_model, *common, *resume)
+        runs.append(("restored", args))
     per_rank = run_on_ranks(2, run_all, runs)
     for z in zeros:
         ckpt = io.Checkpoint.open(tmp_path / f"z{z}/checkpoints/global_step2")
@@ -65,10 +67,12 @@ def test_each_rank_writes_half_at_dp2_and_zero3_reshapes(
         for name, entry in ckpt.manifest["tensors"].items():
             whole = tensors[name]["exp_avg"]
             assert tuple(whole.shape) == tuple(entry["shape"])
-    restored = [per_rank[r][len(zeros)] for r in range(2)]
-    for rank in restored:
-        assert rank["gap"] == {"param": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}, rank["gap"]
-    assert sorted(n for rank in restored for n in rank["names"]) == restored[0]["saved_names"]
+    for case in (0, 1):
+        restored = [per_rank[r][len(zeros) + case] for r in range(2)]
+        for rank in restored:
+            assert rank["gap"] == {"param": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}, rank["gap"]
+        compared = sorted(n for rank in restored for n in rank["names"])
+        assert compared == restored[0]["saved_names"]
 
 
 def test_range_boxes_tile_a_flat_range_in_order() -> None:
@@ -85,6 +89,29 @@ def test_range_boxes_tile_a_flat_range_in_order() -> None:
             ]
             got = torch.cat(parts) if parts else torch.empty(0, dtype=whole.dtype)
             assert torch.equal(got, torch.arange(start, stop)), (start, stop, boxes)
+
+
+def test_flat_fragments_of_tp_boxes_read_back_by_any_box() -> None:
+    """A (6, 10) tensor held as two column halves (tp=2), each cut into flat ranges mid-row
+    (ZeRO partitions): every box read back from the pieces equals the tensor's."""
+    whole = torch.arange(60, dtype=torch.float32).view(6, 10)
+    files: dict[str, torch.Tensor] = {}
+    pieces = []
+    for half in (0, 1):
+        box = ((0, 5 * half), (6, 5))
+        local = whole[:, 5 * half : 5 * half + 5].reshape(-1)
+        for i, (start, stop) in enumerate([(0, 7), (7, 23), (23, 30)]):
+            file = f"model-{half}{i}.pt"
+            files[file] = local[start:stop].clone()
+            pieces += shards.pieces_of(shards.Held("w", (6, 10), box, 0, 30), start, stop, file)
+    assert max(len(shards.range_boxes((6, 5), a, b)) for a, b in [(7, 23)]) == 3
+    stored = shards.Stored("w", (6, 10), pieces, lambda file, name: files[file])
+    assert torch.equal(stored.whole(), whole)
+    for offsets, sizes in [((0, 0), (6, 10)), ((1, 3), (4, 4)), ((5, 9), (1, 1)), ((2, 0), (3, 7))]:
+        want = whole[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))]
+        assert torch.equal(stored.box(offsets, sizes), want), (offsets, sizes)
+    with pytest.raises(io.CheckpointError, match="cover 55 of the 60"):
+        shards.Stored("w", (6, 10), pieces[1:], lambda file, name: files[file]).whole()
 
 
 def test_fragments_that_do_not_tile_are_refused() -> None:
