@@ -195,7 +195,8 @@ def train_layout(overrides: list[str], measure_memory: bool = False) -> dict:
     return out
 
 
-# Mixture of experts (tests/test_moe_parallel.py): a tiny MoE every layer, aux and z-loss on.
+# Mixture of experts (tests/test_moe_parallel.py): a tiny MoE every layer, aux and z-loss on,
+# one shared expert.
 MOE_MODEL = [
     "model.moe.num_experts=4",
     "model.moe.top_k=2",
