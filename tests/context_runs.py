@@ -47,12 +47,46 @@ def ring_against_full(cp: int, dtype: str = "float64") -> dict[str, Any]:
     }
 
 
+def uneven_loss(cp: int) -> dict[str, Any]:
+    """ContextLoss on a micro-batch whose ignored labels fall unevenly on the cp ranks (the
+    first 3/4 of one sample, all of rank 0's chunks of the other): this rank's loss and logits
+    gradient, and the whole micro-batch's, by plain cross-entropy."""
+    import torch.distributed as dist
+
+    from megatron_llm.model.gpt import IGNORE, cross_entropy
+    from megatron_llm.parallel.config import ParallelConfig
+    from megatron_llm.parallel.context import ContextLoss, context_of
+    from megatron_llm.parallel.groups import build_context
+
+    ring = context_of(build_context(ParallelConfig(cp=cp)))
+    gen = torch.Generator().manual_seed(1)
+    seq, c = 8 * cp, 4
+    logits = torch.randn(2, seq, 11, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 11, (2, seq), generator=gen)
+    labels[0, : 3 * seq // 4] = IGNORE
+    labels[1, :c] = IGNORE  # rank 0's chunks of sample 1: 0 and 2cp-1
+    labels[1, seq - c :] = IGNORE
+    whole = logits.clone().requires_grad_()
+    ref = cross_entropy(whole, labels)
+    ref.backward()
+    mine = ring.split(logits).requires_grad_()
+    loss = ContextLoss(cross_entropy, ring)(mine, ring.split(labels))
+    # DeepSpeed averages gradients over the cp ranks: this rank's share of the whole's.
+    (loss / cp).backward()
+    return {
+        "loss": loss.item(),
+        "ref": ref.item(),
+        "grad": (mine.grad - ring.split(whole.grad)).abs().max().item(),
+        "world": dist.get_world_size(),
+    }
+
+
 def ring_cases() -> dict[str, Any]:
     """On 4 ranks: the ring of 4 (fp64 inputs), the rings of 2 (cp=2 x dp=2), and the ring of 2
     in bf16; each rank's errors against one whole attention."""
     import torch.distributed as dist
 
-    out = {"cp4": ring_against_full(cp=4)}
+    out = {"cp4": ring_against_full(cp=4), "loss": uneven_loss(cp=4)}
     dist.barrier()
     out["cp2"] = ring_against_full(cp=2)
     dist.barrier()

@@ -52,6 +52,9 @@ def test_ring_attention_matches_one_attention() -> None:
         for name in ("cp4", "cp2"):
             case = cases[name]
             assert case["out"] < 1e-5 and max(case["grads"]) < 1e-5, (rank, name, case)
+        loss = cases["loss"]  # ignored labels spread unevenly over the ranks
+        mean = sum(c["loss"]["loss"] for c in per_rank) / len(per_rank)
+        assert abs(mean - loss["ref"]) < 1e-6 and loss["grad"] < 1e-6, loss
         low = cases["cp2-bf16"]
         assert low["dtype"] == "torch.bfloat16"
         # bf16 output rounding is up to ~4e-3 at these magnitudes; merges kept in bf16 add more.
@@ -176,3 +179,39 @@ def _close(got: list[float], want: list[float], name: str) -> None:
     assert len(got) == len(want), name
     gaps = [abs(a - b) for a, b in zip(got, want, strict=True)]
     assert max(gaps) < 1e-5, (name, got, want)
+
+
+def test_refusals() -> None:
+    """Attention dropout and sequences that do not cut into 2*cp (x tp under sp) chunks."""
+    from megatron_llm.config import load_config
+    from megatron_llm.parallel.context import check_context
+    from megatron_llm.parallel.groups import ParallelContext
+
+    def ctx(cp: int, tp: int = 1) -> ParallelContext:
+        return ParallelContext(
+            rank=0,
+            world_size=cp * tp,
+            tp=tp,
+            pp=1,
+            dp=1,
+            tp_group=None,
+            dp_group=None,
+            pp_group=None,
+            cp=cp,
+        )
+
+    cfg = load_config(None, ["model.attention_dropout=0.1", "parallel.cp=2"])
+    with pytest.raises(ValueError, match="model.attention_dropout=0.1 with parallel.cp=2"):
+        check_context(cfg, ctx(2))
+    cfg = load_config(None, ["model.seq_length=12", "parallel.cp=2"])
+    check_context(cfg, ctx(2))  # 4 chunks of 3
+    with pytest.raises(ValueError, match="model.seq_length=12 does not split over parallel.cp=4"):
+        check_context(load_config(None, ["model.seq_length=12", "parallel.cp=4"]), ctx(4))
+    sp = [
+        "model.seq_length=12",
+        "parallel.cp=2",
+        "parallel.tp=2",
+        "parallel.sequence_parallel=true",
+    ]
+    with pytest.raises(ValueError, match="a multiple of 8"):
+        check_context(load_config(None, sp), ctx(2, tp=2))

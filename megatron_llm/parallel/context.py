@@ -250,7 +250,11 @@ class ContextLoss:
         count = (labels != IGNORE).sum().float()
         total = count.clone()
         dist.all_reduce(total, group=self.cp.group)  # collective: every cp rank's loss
-        return self.inner(logits, labels) * (count * self.cp.size / total)
+        local = self.inner(logits, labels)
+        # A rank whose tokens are all ignored (inside a long prompt) has a NaN mean; it counts
+        # for nothing, and its gradient through the where is zero.
+        local = torch.where(count > 0, local, torch.zeros_like(local))
+        return local * (count * self.cp.size / total.clamp(min=1))
 
 
 def split_batch(batch: Any, cp: ContextParallel | None) -> Any:
