@@ -20,6 +20,7 @@ from megatron_llm.data.batch import (
 )
 from megatron_llm.eval.perplexity import perplexity, validation_loss
 from megatron_llm.model.shape import model_parameters
+from megatron_llm.parallel.context import ContextParallel, split_batch, split_batches
 from megatron_llm.parallel.engine import engine_device
 from megatron_llm.parallel.groups import ParallelContext, mean_over_dp
 from megatron_llm.training.health import StepMonitor
@@ -56,6 +57,7 @@ def train_step(
     accum: int,
     tp_group: dist.ProcessGroup | None = None,
     masking: DocumentMasking | None = None,
+    context: ContextParallel | None = None,
 ) -> tuple[torch.Tensor, float | None]:
     """One optimizer step over ``accum`` micro-batches: (this rank's mean loss, grad norm).
     ``masking``: packed documents' ids for the model (data.reset_attention_mask / positions)."""
@@ -63,7 +65,8 @@ def train_step(
         # The 1F1B schedule runs the accum micro-batches through the stages (DeepSpeed moves
         # them to its device); the loss comes back averaged over micro-batches and data-parallel
         # ranks, on every stage.
-        loss = engine.train_batch(input_label_pairs(batches, masking))
+        # cp: each micro-batch cut into this rank's chunks (parallel/context.py)
+        loss = engine.train_batch(split_batches(input_label_pairs(batches, masking), context))
         norm = engine.get_global_grad_norm()  # float() below: a host sync when it is a tensor
         return loss.detach().float(), None if norm is None else float(norm)
     device = engine_device(engine)
@@ -73,6 +76,7 @@ def train_step(
         # (micro_batch, seq + 1), read on the CPU; the copy is queued behind the device's work
         tokens = next(batches).to(device, non_blocking=True)
         inputs, labels, ids = model_inputs(tokens, masking)  # ids on the device, from the tokens
+        inputs, labels, ids = split_batch((inputs, labels, ids), context)  # cp: my chunks
         loss = engine(inputs, labels, **ids)
         engine.backward(loss)
         if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
@@ -166,6 +170,7 @@ def measured_step(
         cfg.train.grad_accum_steps,
         run.ctx.tp_group,
         document_masking(cfg.data, run.tokenizer.eod),
+        run.model.context,
     )
     loss = mean_over_dp(local_loss, run.ctx)  # host sync: the loss every rank logs and checks
     log.count_tokens(run.global_batch * cfg.model.seq_length)
@@ -192,6 +197,7 @@ def evaluate(run: Run) -> float:
         micro_batch_size=run.cfg.train.micro_batch_size,
         ctx=run.ctx,
         masking=document_masking(run.cfg.data, run.tokenizer.eod),
+        context=run.model.context,
     )
 
 
@@ -201,10 +207,11 @@ def opening_summary(run: Run) -> dict[str, Any]:
     # MoE: what a token runs through, the count MFU is measured on (model/shape.py)
     active = model_parameters(cfg.model, run.model.vocab_size, active=True)
     moe = f" ({active:,} active per token)" if cfg.model.moe.num_experts else ""
+    cp = f" x cp {ctx.cp}" if ctx.cp > 1 else ""
     if ctx.is_logging_rank:
         print(
             f"model: {run.parameters:,} parameters{moe}, {cfg.model.style} style; "
-            f"world {ctx.world_size} = tp {ctx.tp} x pp {ctx.pp} x dp {ctx.dp}; "
+            f"world {ctx.world_size} = tp {ctx.tp}{cp} x pp {ctx.pp} x dp {ctx.dp}; "
             f"global batch {run.global_batch} x {cfg.model.seq_length} tokens",
             flush=True,
         )
