@@ -148,21 +148,27 @@ def test_step_metrics_equal_a_routing_by_hand(
     micro-batches per rank: the first step's aux loss, z-loss, tokens per expert, imbalance and
     dropped tokens (metrics.jsonl and TensorBoard) equal the hand reference over every rank's
     batches."""
-    cases = {"ep2": (2, None), "ep1": (1, None), "ep2-capacity": (2, 1.0)}
+    cases = {  # name: (layout, capacity factor)
+        "ep2": (["parallel.dp=2", "parallel.ep=2"], None),
+        "ep1": (["parallel.dp=2", "parallel.ep=1"], None),
+        "ep2-capacity": (["parallel.dp=2", "parallel.ep=2"], 1.0),
+        "pp2": (["parallel.dp=1", "parallel.pp=2"], None),  # a layer on each stage
+    }
     runs, models = [], {}
-    for name, (ep, capacity) in cases.items():
+    for name, (layout, capacity) in cases.items():
         extra = [] if capacity is None else [f"model.moe.capacity_factor={capacity}"]
         init, models[name] = _init_checkpoint(tmp_path / name / "init", bpe_model, *extra)
         common = ["train.steps=2", "train.grad_accum_steps=2", "train.micro_batch_size=2"]
-        common += ["parallel.dp=2", f"parallel.ep={ep}", f"checkpoint.init_from={init}"]
-        common += ["checkpoint.save_at_end=false", *extra]
-        runs.append(_args(tmp_path / name, email_shard, bpe_model, *common))
+        common += [*layout, f"checkpoint.init_from={init}", "checkpoint.save_at_end=false"]
+        runs.append(_args(tmp_path / name, email_shard, bpe_model, *common, *extra))
     per_rank = run_on_ranks(2, moe_runs, runs)
-    for i, (name, (_ep, capacity)) in enumerate(cases.items()):
-        batches = [torch.from_numpy(b) for r in per_rank for b in r[i]["first_step_batches"]]
+    for i, (name, (layout, capacity)) in enumerate(cases.items()):
+        data_ranks = per_rank if "parallel.dp=2" in layout else per_rank[:1]  # pp: one batch
+        batches = [torch.from_numpy(b) for r in data_ranks for b in r[i]["first_step_batches"]]
         expected = reference_step(models[name], batches, capacity)
         assert (expected["moe_dropped_tokens"] > 0) == (capacity is not None)  # drops, or not
-        record = per_rank[0][i]["records"][0]
+        logging = next(r[i] for r in per_rank if "records" in r[i])  # the last stage
+        record = logging["records"][0]
         assert record["step"] == 1
         for key, value in expected.items():
             assert record[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, key)
