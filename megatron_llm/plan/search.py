@@ -14,7 +14,6 @@ lower memory.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 from megatron_llm.model.config import ModelConfig
@@ -212,8 +211,8 @@ def max_seq_length(
     """The longest seq_length at which ``lay`` fits ``budget`` bytes per device (0: none).
     Memory grows with the sequence (activations, a learned-position table), so a bisection
     over the lengths the layout can split finds it: multiples of 2 x cp (the load-balanced
-    chunks) and of tp under sequence parallelism."""
-    step = math.lcm(2 * lay.cp if lay.cp > 1 else 1, lay.tp if sp else 1)
+    chunks), times tp under sequence parallelism (parallel/context.py check_context)."""
+    step = (2 * lay.cp if lay.cp > 1 else 1) * (lay.tp if sp else 1)
 
     def fits(chunks: int) -> bool:
         longer = dataclasses.replace(cfg, seq_length=chunks * step)
