@@ -75,6 +75,32 @@ def test_each_rank_writes_half_at_dp2_and_zero3_reshapes(
         assert compared == restored[0]["saved_names"]
 
 
+def test_a_tied_embedding_on_two_pipeline_stages_is_written_once(
+    tmp_path: Path, email_shard: Shard, bpe_model: Path
+) -> None:
+    """pp=2 dp=2 ZeRO 1, gpt2 (the embedding tied to the head on the last stage: two stages'
+    partitions cut it differently): saved, and restored exactly at tp=2 dp=2."""
+    common = ["train.steps=2", "checkpoint.save_interval=2", "model.style=gpt2"]
+    layout = ["parallel.pp=2", "parallel.dp=2", "parallel.zero_stage=1"]
+    layout += ["train.micro_batch_size=1", "train.grad_accum_steps=2"]
+    saved = tmp_path / "pp2/checkpoints/global_step2"
+    resume = [f"checkpoint.resume={saved}", "parallel.tp=2", "parallel.dp=2"]
+    runs = [
+        ("train", _args(tmp_path / "pp2", email_shard, bpe_model, *common, *layout)),
+        ("restored", _args(tmp_path / "tp2", email_shard, bpe_model, *common, *resume)),
+    ]
+    per_rank = run_on_ranks(4, run_all, runs)
+    restored = [per_rank[r][1] for r in range(4)]
+    for rank in restored:
+        assert rank["gap"] == {"param": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}, rank["gap"]
+    assert sorted(n for rank in restored for n in rank["names"]) == restored[0]["saved_names"]
+    written = _written(io.Checkpoint.open(saved))
+    total = sum(
+        math.prod(e["shape"]) for e in io.Checkpoint.open(saved).manifest["tensors"].values()
+    )
+    assert sum(written.values()) == total, (written, total)
+
+
 def test_range_boxes_tile_a_flat_range_in_order() -> None:
     """Every flat range of a 3-d box becomes boxes that, read in order, are those elements."""
     sizes = (3, 4, 5)
@@ -103,7 +129,8 @@ def test_flat_fragments_of_tp_boxes_read_back_by_any_box() -> None:
         for i, (start, stop) in enumerate([(0, 7), (7, 23), (23, 30)]):
             file = f"model-{half}{i}.pt"
             files[file] = local[start:stop].clone()
-            pieces += shards.pieces_of(shards.Held("w", (6, 10), box, 0, 30), start, stop, file)
+            held = shards.Held("w", (6, 10), box, 0, 30)
+            pieces += shards.pieces_of(held, [(start, stop)], file)
     assert max(len(shards.range_boxes((6, 5), a, b)) for a, b in [(7, 23)]) == 3
     stored = shards.Stored("w", (6, 10), pieces, lambda file, name: files[file])
     assert torch.equal(stored.whole(), whole)
@@ -119,9 +146,29 @@ def test_fragments_that_do_not_tile_are_refused() -> None:
     held = [[shards.Held("w", (4, 4), box, 0, 8)], [shards.Held("w", (4, 4), box, 8, 12)]]
     with pytest.raises(io.CheckpointError, match="hold 12 of its 16 elements"):
         shards.assign(held, 0)
-    held[1] = [shards.Held("w", (4, 4), box, 6, 16)]
-    with pytest.raises(io.CheckpointError, match="overlapping flat ranges"):
+    other = ((2, 0), (2, 4))
+    held[1] = [shards.Held("w", (4, 4), other, 0, 8)]
+    with pytest.raises(io.CheckpointError, match="overlapping boxes"):
         shards.assign(held, 0)
+
+
+def test_differently_partitioned_replicas_are_written_once() -> None:
+    """A tied embedding on two pipeline stages: each stage's ZeRO partitions cut it elsewhere
+    (ranks 0, 1: [0, 10), [10, 16); ranks 2, 3: [0, 6), [6, 16)); with a norm every rank holds
+    whole: every element is written by exactly one rank."""
+    box = ((0, 0), (4, 4))
+    cuts = [(0, 10), (10, 16), (0, 6), (6, 16)]
+    held = [
+        [shards.Held("embed", (4, 4), box, a, b), shards.Held("norm", (4,), ((0,), (4,)), 0, 4)]
+        for a, b in cuts
+    ]
+    for name, numel in (("embed", 16), ("norm", 4)):
+        written = [shards.assign(held, r).get(name, []) for r in range(4)]
+        elements = sorted(i for ranges in written for a, b in ranges for i in range(a, b))
+        assert elements == list(range(numel)), (name, written)
+        for r, ranges in enumerate(written):  # only what the rank holds
+            a, b = cuts[r] if name == "embed" else (0, 4)
+            assert all(a <= start and stop <= b for start, stop in ranges), (name, r, ranges)
 
 
 def _v1_copy(root: Path, run_dir: Path, shard: Shard, bpe_model: Path) -> Path:

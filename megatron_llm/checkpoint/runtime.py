@@ -76,10 +76,17 @@ def _host_copy(t: torch.Tensor) -> torch.Tensor:
     return t.to("cpu", copy=True)
 
 
+def _elements(fragment: torch.Tensor, ranges: shards.Ranges, first: int) -> torch.Tensor:
+    # The ranges' elements of a fragment starting at element ``first`` of its box: a view when
+    # one range (almost always), else one tensor of them all.
+    parts = [fragment[start - first : stop - first].float() for start, stop in ranges]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def write_plan(
     engine: Any, ctx: ParallelContext, names: dict[str, str] | None = None
-) -> dict[str, tuple[int, int]]:
-    """{name: the flat range of its box this rank writes} (collective: every rank's fragments
+) -> dict[str, shards.Ranges]:
+    """{name: the flat ranges of its box this rank writes} (collective: every rank's fragments
     are gathered, as metadata only). Fixed for a run: a Saver computes it once."""
     mine = [held for held, _ in held_fragments(engine, ctx, names)]
     return shards.assign(_all(ctx, mine), ctx.rank)
@@ -98,7 +105,7 @@ def snapshot(
     keep_every: int = 0,
     names: dict[str, str] | None = None,
     to_host: Callable[[torch.Tensor], torch.Tensor] = _host_copy,
-    plan: dict[str, tuple[int, int]] | None = None,
+    plan: dict[str, shards.Ranges] | None = None,
 ) -> Snapshot:
     """Copy this rank's share of the checkpoint to host memory: the elements :func:`write_plan`
     (or ``plan``, its result) gives it, nothing gathered. Collective only without ``plan``."""
@@ -110,11 +117,10 @@ def snapshot(
     for held, fetch in held_fragments(engine, ctx, names):
         if held.name not in plan:
             continue
-        start, stop = plan[held.name]
-        lo, hi = start - held.start, stop - held.start  # within the fragment
-        weights[held.name] = to_host(fetch(None)[lo:hi].float())
-        optim[held.name] = {k: to_host(fetch(k)[lo:hi].float()) for k in OPTIM_KEYS}
-        pieces = shards.pieces_of(held, start, stop, model_file)
+        ranges = plan[held.name]
+        weights[held.name] = to_host(_elements(fetch(None), ranges, held.start))
+        optim[held.name] = {k: to_host(_elements(fetch(k), ranges, held.start)) for k in OPTIM_KEYS}
+        pieces = shards.pieces_of(held, ranges, model_file)
         index[held.name] = {"shape": list(held.shape), "pieces": pieces}
     if ctx.device.type == "cuda":
         torch.cuda.current_stream(ctx.device).synchronize()  # the non-blocking copies landed

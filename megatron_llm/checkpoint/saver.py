@@ -42,7 +42,7 @@ class Saver:
         self._pinned = _PinnedPool()
         self._thread: threading.Thread | None = None
         self._failure: str | None = None
-        self._plan: dict[str, tuple[int, int]] | None = None  # who writes what: fixed per run
+        self._plan: dict[str, list[tuple[int, int]]] | None = None  # who writes what, per run
 
     def save(self, engine: Any, model: nn.Module, **kwargs: Any) -> Path:
         """Save (keywords of :func:`snapshot`); asynchronous: the path it will be published at."""

@@ -90,47 +90,77 @@ class Held:
     stop: int
 
 
-def assign(held: list[list[Held]], rank: int) -> dict[str, tuple[int, int]]:
-    """{name: the flat range of its box that ``rank`` writes}, from every rank's fragments
-    (``held[r]``). The same on every rank. Refuses fragments that do not tile each tensor
-    exactly once (a slicing rule or a ZeRO mapping this code does not know)."""
-    holders: dict[tuple, list[int]] = defaultdict(list)
+Ranges = list[tuple[int, int]]
+
+
+def assign(held: list[list[Held]], rank: int) -> dict[str, Ranges]:
+    """{name: the flat ranges of its box that ``rank`` writes, in order}, from every rank's
+    fragments (``held[r]``); the same on every rank. Ranges that several ranks hold are cut at
+    every holder's boundaries (the two stages holding a tied embedding partition it differently)
+    and each cut goes to its holders in turn (:func:`_share`). Refuses fragments that do not tile
+    each tensor exactly once (a slicing rule or a ZeRO mapping this code does not know)."""
+    by_box: dict[tuple, list[tuple[int, int, int]]] = defaultdict(list)
     for r, fragments in enumerate(held):
         for h in fragments:
             if h.stop > h.start:
-                holders[(h.name, h.shape, h.box, h.start, h.stop)].append(r)
-    _check_tiling(holders)
-    mine: dict[str, tuple[int, int]] = {}
-    for turn, (key, ranks) in enumerate(sorted(holders.items())):
-        if rank not in ranks:
-            continue
-        start, stop = key[3], key[4]
-        parts = max(1, min(len(ranks), (stop - start) // SPLIT_MIN))
-        # Part i goes to holder (turn + i) mod holders: small fragments rotate among them.
-        index = (ranks.index(rank) - turn) % len(ranks)
-        if index < parts:
-            n = stop - start
-            mine[key[0]] = (start + n * index // parts, start + n * (index + 1) // parts)
-    return mine
+                by_box[(h.name, h.shape, h.box)].append((h.start, h.stop, r))
+    _check_tiling(by_box)
+    mine: dict[str, Ranges] = defaultdict(list)
+    turn = 0
+    for (name, _, _), ranges in sorted(by_box.items()):
+        for start, stop, holders in _cuts(ranges):
+            if rank in holders:
+                mine[name] += _share(start, stop, holders, holders.index(rank), turn)
+            turn += 1
+    return {name: _merged(ranges) for name, ranges in mine.items() if ranges}
 
 
-def _check_tiling(holders: Mapping[tuple, list[int]]) -> None:
+def _cuts(ranges: list[tuple[int, int, int]]) -> Iterator[tuple[int, int, list[int]]]:
+    # (start, stop, the ranks holding all of it) between consecutive boundaries of any range.
+    bounds = sorted({b for start, stop, _ in ranges for b in (start, stop)})
+    for start, stop in zip(bounds, bounds[1:]):
+        holders = sorted(r for a, b, r in ranges if a <= start and stop <= b)
+        if holders:
+            yield start, stop, holders
+
+
+def _share(start: int, stop: int, holders: list[int], index: int, turn: int) -> Ranges:
+    # Large cuts are split among their holders in parts of at least SPLIT_MIN elements; part i
+    # goes to holder (turn + i) mod holders, so small ones rotate among them.
+    parts = max(1, min(len(holders), (stop - start) // SPLIT_MIN))
+    i = (index - turn) % len(holders)
+    if i >= parts:
+        return []
+    n = stop - start
+    return [(start + n * i // parts, start + n * (i + 1) // parts)]
+
+
+def _merged(ranges: Ranges) -> Ranges:
+    out: Ranges = []
+    for start, stop in ranges:
+        if out and out[-1][1] == start:
+            out[-1] = (out[-1][0], stop)
+        else:
+            out.append((start, stop))
+    return out
+
+
+def _check_tiling(by_box: Mapping[tuple, list[tuple[int, int, int]]]) -> None:
     by_name: dict[str, list[tuple]] = defaultdict(list)
-    for key in holders:
-        by_name[key[0]].append(key)
-    for name, keys in by_name.items():
-        shape = keys[0][1]
-        boxes = sorted({k[2] for k in keys})
+    for key, ranges in by_box.items():
+        by_name[key[0]].append((key, ranges))
+    for name, entries in by_name.items():
+        shapes = sorted({key[1] for key, _ in entries})
+        boxes = sorted(key[2] for key, _ in entries)
         problem = None
-        if any(k[1] != shape for k in keys):
-            problem = f"ranks disagree on its shape ({sorted({k[1] for k in keys})})"
+        if len(shapes) > 1:
+            problem = f"ranks disagree on its shape ({shapes})"
         elif any(_overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :]):
             problem = "ranks hold overlapping boxes"
-        elif any(_ranges_overlap(sorted((k[3], k[4]) for k in keys if k[2] == b)) for b in boxes):
-            problem = "ranks hold overlapping flat ranges of one box"
-        elif sum(k[4] - k[3] for k in keys) != math.prod(shape):
-            held = sum(k[4] - k[3] for k in keys)
-            problem = f"the ranks hold {held} of its {math.prod(shape)} elements"
+        else:
+            covered = sum(stop - start for _, ranges in entries for start, stop, _ in _cuts(ranges))
+            if covered != math.prod(shapes[0]):
+                problem = f"the ranks hold {covered} of its {math.prod(shapes[0])} elements"
         if problem:
             raise CheckpointError(
                 f"checkpoint: {name} cannot be written as shards: {problem}; the slice rule "
@@ -145,18 +175,16 @@ def _overlap(a: Box, b: Box) -> bool:
     )
 
 
-def _ranges_overlap(ranges: list[tuple[int, int]]) -> bool:
-    return any(stop > nxt for (_, stop), (nxt, _) in zip(ranges, ranges[1:]))
-
-
-def pieces_of(h: Held, start: int, stop: int, file: str) -> list[dict[str, Any]]:
-    """Manifest entries for elements [start, stop) of fragment ``h``'s box, stored flat in
-    ``file`` under ``h.name`` from element 0: each piece's global box and where it starts."""
+def pieces_of(h: Held, ranges: Ranges, file: str) -> list[dict[str, Any]]:
+    """Manifest entries for the elements ``ranges`` of fragment ``h``'s box, stored flat and
+    one after the other in ``file`` under ``h.name``: each piece's global box and where it
+    starts there."""
     out, at = [], 0
-    for rel, sizes in range_boxes(h.box[1], start, stop):
-        offset = [o + r for o, r in zip(h.box[0], rel)]
-        out.append({"file": file, "at": at, "offset": offset, "size": list(sizes)})
-        at += math.prod(sizes)
+    for start, stop in ranges:
+        for rel, sizes in range_boxes(h.box[1], start, stop):
+            offset = [o + r for o, r in zip(h.box[0], rel)]
+            out.append({"file": file, "at": at, "offset": offset, "size": list(sizes)})
+            at += math.prod(sizes)
     return out
 
 
