@@ -1,7 +1,7 @@
 """Benchmark sharded checkpoint saves against plain torch.save of the same bytes, per rank.
 
     python bench/checkpoint.py                     # 108M params, 1.30 GB fp32 + AdamW; dp 1,2,4
-    python bench/checkpoint.py --hidden 1536 --layers 12 --dp 1    # ~350M params
+    python bench/checkpoint.py --hidden 1536 --layers 12 --dp 1    # ~390M params
     python bench/checkpoint.py --hidden 512 --dp 1,2   # smaller
 
 For each dp (ZeRO 1 when dp > 1, fp32, one process per rank over gloo), after one training step
