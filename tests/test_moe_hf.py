@@ -9,6 +9,7 @@ tensors, and our own MoE checkpoint exports with equal logits.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -206,3 +207,18 @@ def test_capacity_factor_export_warns(tmp_path: Path, capsys: pytest.CaptureFixt
     ckpt = _own_checkpoint(tmp_path / "ours", "model.moe.capacity_factor=1.0")
     assert ckpt_cli(["export-hf", str(ckpt), str(tmp_path / "hf"), "--no-tokenizer"]) == 0
     assert "capacity_factor=1.0" in capsys.readouterr().err
+
+
+def test_transformers_4_is_refused_for_moe(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """4.x keeps one module per expert, not the stacked layout we map: one line, both ways."""
+    ckpt = _own_checkpoint(tmp_path / "ours")
+    _hf_model("mixtral").save_pretrained(tmp_path / "hf")
+    # the module now in sys.modules: transformers swaps its lazy module while building models
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.56.0")
+    capsys.readouterr()  # save_pretrained's progress bars
+    assert ckpt_cli(["export-hf", str(ckpt), str(tmp_path / "out"), "--no-tokenizer"]) == 2
+    assert ckpt_cli(["import-hf", str(tmp_path / "hf"), str(tmp_path / "in")]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and all("transformers>=5" in line for line in lines), lines

@@ -13,7 +13,9 @@ What converts (logits equal within 1e-5, tests/test_moe_hf.py against the real c
 Refused with one line naming the field: sigmoid routers (DeepSeek-V3 also needs multi-head
 latent attention, which our attention cannot express), shared experts without a gate, sliding
 windows, router jitter, dense layers in Mixtral, GPT-2-style MoE. A capacity factor exports with a
-warning: transformers routes dropless, so logits differ where our run dropped tokens.
+warning: transformers routes dropless, so logits differ where our run dropped tokens. Needs
+transformers 5 (stacked experts in memory; it writes Mixtral's per-expert files itself); 4.x is
+refused in one line.
 """
 
 from __future__ import annotations
@@ -28,6 +30,19 @@ from megatron_llm.model.config import ModelConfig
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise ConversionError(message)
+
+
+def require_fused_experts() -> None:
+    """transformers 5 holds an MoE layer's experts stacked (``experts.gate_up_proj``), which is
+    the layout megatron_llm/model/hf_names.py maps; 4.x keeps one module per expert."""
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    _require(
+        major >= 5,
+        f"MoE conversion needs transformers>=5 (its stacked expert weights); installed "
+        f"{transformers.__version__}: pip install 'transformers>=5,<6'",
+    )
 
 
 def class_name(cfg: ModelConfig) -> str:
@@ -65,6 +80,7 @@ def hf_config(cfg: ModelConfig, common: dict[str, Any]) -> Any:
     """The Mixtral or Qwen2-MoE config; ``common``: the Llama-style fields they share."""
     import transformers
 
+    require_fused_experts()
     moe = cfg.moe
     if moe.capacity_factor is not None:
         print(
@@ -98,6 +114,7 @@ def hf_config(cfg: ModelConfig, common: dict[str, Any]) -> Any:
 
 def mixtral_fields(hf: Any) -> dict[str, Any]:
     """Our ``model.moe`` section (and expert width) for a Mixtral config."""
+    require_fused_experts()
     _require(
         getattr(hf, "sliding_window", None) is None,
         f"Mixtral sliding_window={hf.sliding_window}: sliding-window attention is not supported",
@@ -117,6 +134,7 @@ def mixtral_fields(hf: Any) -> dict[str, Any]:
 
 def qwen2_moe_fields(hf: Any) -> dict[str, Any]:
     """Our ``model.moe`` section (and dense width) for a Qwen2-MoE config."""
+    require_fused_experts()
     _require(
         not hf.qkv_bias,
         "Qwen2-MoE qkv_bias=true: our model.bias puts biases on every linear or none, not on "
