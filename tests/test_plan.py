@@ -16,6 +16,7 @@ from tests.distributed import run_on_ranks
 BASE = ["model.num_layers=2", "model.hidden_size=448", "model.num_heads=4"]
 BASE += ["model.seq_length=16", "train.micro_batch_size=2", "train.grad_accum_steps=2"]
 VOCAB = 500  # padded to 512 rows
+MOE = ["model.style=gpt2", "model.moe.num_experts=4", "model.moe.top_k=2"]
 LAYOUTS = [
     ["model.style=gpt2", "parallel.dp=2", "parallel.zero_stage=1"],
     # bf16 accumulates gradients in fp32 (parallel/engine.py): ZeRO 1 takes DeepSpeed's bf16
@@ -30,6 +31,10 @@ LAYOUTS = [
         "train.precision=bf16",
     ],
     ["model.style=llama", "model.num_kv_heads=2", "parallel.tp=2", "parallel.zero_stage=0"],
+    # ep=2 over dp=2: each rank holds 2 of the 4 experts, whose optimizer state is not
+    # sharded at all (their data-parallel group is dp / ep = 1 rank), the dense parts' over 2
+    [*MOE, "parallel.dp=2", "parallel.ep=2", "parallel.zero_stage=1"],
+    [*MOE, "parallel.dp=2", "parallel.ep=2", "parallel.zero_stage=2", "train.precision=bf16"],
 ]
 
 
@@ -100,7 +105,7 @@ def test_model_state_estimates_match_deepspeed_engines():
     for overrides, got in zip(LAYOUTS, measured):
         cfg = load_config(None, BASE + overrides)
         p = cfg.parallel
-        lay = plan.Layout(p.tp, 1, p.resolve_dp(2), p.zero_stage, 2, 2, False)
+        lay = plan.Layout(p.tp, 1, p.resolve_dp(2), p.zero_stage, 2, 2, False, p.cp, p.ep)
         est = plan.estimate(cfg.model, VOCAB, lay, cfg.train.precision)
         for key in ("params", "grads", "optimizer"):
             assert getattr(est, key) == pytest.approx(got[key], rel=0.1), (overrides, key, got)
