@@ -330,3 +330,39 @@ def train_documents(overrides: list[str]) -> dict:
 
 def train_documents_layouts(layouts: list[list[str]]) -> list[dict]:
     return [train_documents(overrides) for overrides in layouts]
+
+
+def dispatch_cases(cases: list[list[list[int]]]) -> list[dict]:
+    """The all-to-all dispatcher on the world group, one case at a time: case[r] is rank r's
+    tokens per global expert. Rank r's token i is the row r * 1000 + i (hidden 3). Each
+    dispatched row is scaled by 1 + its global expert before combine, so a row sent to the
+    wrong expert or brought back to the wrong place shows; the gradient of sum(out * w) w.r.t.
+    the tokens must come back through the reverse all-to-all."""
+    import torch.distributed as dist
+
+    from megatron_llm.parallel.experts import AllToAllDispatcher
+
+    rank, ep = dist.get_rank(), dist.get_world_size()
+    results = []
+    for case in cases:
+        counts = torch.tensor(case[rank])
+        n = int(counts.sum())
+        local = counts.numel() // ep
+        tokens = (rank * 1000 + torch.arange(n, dtype=torch.float32)).unsqueeze(1).repeat(1, 3)
+        tokens.requires_grad_(True)
+        dispatcher = AllToAllDispatcher(dist.group.WORLD, ep)
+        mine, per_local = dispatcher.dispatch(tokens, counts)
+        # (received, 3) sorted by local expert: scale by 1 + global expert
+        expert = torch.repeat_interleave(torch.arange(local), per_local) + rank * local
+        out = dispatcher.combine(mine * (1 + expert).unsqueeze(1).float())
+        weights = torch.arange(out.numel(), dtype=torch.float32).view_as(out)
+        (out * weights).sum().backward()
+        results.append(
+            {
+                "mine": mine.detach().numpy()[:, 0].copy(),
+                "per_local": per_local.numpy().copy(),
+                "out": out.detach().numpy().copy(),
+                "grad": tokens.grad.numpy().copy(),
+            }
+        )
+    return results

@@ -15,8 +15,21 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_llm.config import load_config
+from megatron_llm.model.gpt import GPT
+from megatron_llm.parallel.engine import check_expert_parallel
+from megatron_llm.parallel.groups import ParallelContext
+from megatron_llm.parallel.layers import local_part, part_index
+from megatron_llm.parallel.shard import shard_model
 from tests.distributed import run_on_ranks
-from tests.parallel_runs import layout, moe_layouts
+from tests.parallel_runs import (
+    MOE_MODEL,
+    TINY_MODEL,
+    VOCAB,
+    dispatch_cases,
+    layout,
+    moe_layouts,
+)
 
 CAPACITY = "model.moe.capacity_factor=1.0"  # drops: top-2 of 4 experts is never even
 
@@ -141,3 +154,73 @@ def test_capacity_drops_tokens_and_reference_learns(reference):
     assert sum(s["dropped"] for s in reference["accum4"]["stats"].values()) == 0
     losses = reference["accum2"]["losses"]
     assert losses[-1] < losses[0]
+
+
+DISPATCH_CASES = [  # per rank: tokens per global expert (4 experts over 2 ranks)
+    [[2, 1, 0, 3], [1, 0, 4, 2]],
+    [[5, 0, 0, 0], [3, 0, 0, 0]],  # every token to expert 0: rank 1's experts get none
+    [[0, 0, 0, 0], [0, 2, 0, 1]],  # rank 0 sends nothing
+]
+
+
+def test_all_to_all_dispatch_imbalanced_and_empty():
+    ranks = run_on_ranks(2, dispatch_cases, DISPATCH_CASES)
+    for c, case in enumerate(DISPATCH_CASES):
+        for r in range(2):
+            got = ranks[r][c]
+            # Expected: for each of my local experts e (global 2r + e), every source's rows
+            # for e in source order; a source's rows for expert g start after its earlier ones.
+            rows, per_local = [], []
+            for g in (2 * r, 2 * r + 1):
+                n = 0
+                for s in range(2):
+                    start = sum(case[s][:g])
+                    rows += [s * 1000 + start + i for i in range(case[s][g])]
+                    n += case[s][g]
+                per_local.append(n)
+            np.testing.assert_array_equal(got["mine"], rows, err_msg=f"case {c} rank {r}")
+            np.testing.assert_array_equal(got["per_local"], per_local)
+            # Back home in dispatch order, each row scaled by 1 + its global expert.
+            experts = np.repeat(np.arange(4), case[r])
+            tokens = r * 1000 + np.arange(len(experts), dtype=np.float32)
+            scale = (1 + experts)[:, None].astype(np.float32)
+            np.testing.assert_array_equal(got["out"], np.repeat(tokens[:, None], 3, 1) * scale)
+            weights = np.arange(got["out"].size, dtype=np.float32).reshape(got["out"].shape)
+            np.testing.assert_array_equal(got["grad"], weights * scale)
+
+
+def _context(**sizes) -> ParallelContext:
+    # Sizes only: the refusals below come before any group is used.
+    sizes.setdefault("rank", 0)
+    return ParallelContext(world_size=4, tp_group=None, dp_group=None, pp_group=None, **sizes)
+
+
+def test_expert_parallelism_refuses_zero_0_and_3():
+    for zero in (0, 3):
+        cfg = load_config(None, [*MOE_MODEL, "parallel.ep=2", f"parallel.zero_stage={zero}"])
+        with pytest.raises(ValueError, match="set parallel.zero_stage=1"):
+            check_expert_parallel(cfg, _context(tp=1, pp=1, dp=2, ep=2))
+    cfg = load_config(None, [*MOE_MODEL, "parallel.ep=2", "parallel.zero_stage=2"])
+    check_expert_parallel(cfg, _context(tp=1, pp=1, dp=2, ep=2))
+
+
+def test_expert_parallelism_refuses_a_dense_model_and_moe_under_sequence_parallelism():
+    dense = GPT(load_config(None, TINY_MODEL).model, VOCAB)
+    with pytest.raises(ValueError, match="needs MoE layers"):
+        shard_model(dense, _context(tp=1, pp=1, dp=2, ep=2), sequence_parallel=False, seed=0)
+    moe = GPT(load_config(None, [*TINY_MODEL, *MOE_MODEL]).model, VOCAB)
+    with pytest.raises(ValueError, match="sequence_parallel=false"):
+        shard_model(moe, _context(tp=2, pp=1, dp=2), sequence_parallel=True, seed=0)
+
+
+def test_slice_rule_places_expert_rows_by_global_index():
+    moe = GPT(load_config(None, [*TINY_MODEL, *MOE_MODEL]).model, VOCAB)
+    w_in = moe.blocks[0].mlp.experts.w_in  # (4, hidden, ffn)
+    whole = torch.arange(w_in.numel(), dtype=torch.float32).view(w_in.shape)
+    for dp_rank in range(4):  # ep=2 inside dp=4: ep_rank = dp_rank % 2
+        ctx = _context(tp=1, pp=1, dp=4, ep=2, rank=dp_rank)
+        rows = slice(2 * (dp_rank % 2), 2 * (dp_rank % 2) + 2)
+        assert part_index(w_in, whole.shape, ctx)[0] == rows
+        torch.testing.assert_close(local_part(whole, w_in, ctx), whole[rows])
+        router = moe.blocks[0].mlp.router.weight  # replicated
+        assert local_part(router, router, ctx).shape == router.shape
