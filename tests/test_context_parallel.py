@@ -76,7 +76,9 @@ COMMON = [
 ]
 
 
-def _layout(cp: int = 1, tp: int = 1, dp: int = 1, pp: int = 1, sp: bool = False) -> list[str]:
+def _layout(
+    cp: int = 1, tp: int = 1, dp: int = 1, pp: int = 1, sp: bool = False, zero: int = 0
+) -> list[str]:
     return [
         f"parallel.cp={cp}",
         f"parallel.tp={tp}",
@@ -84,7 +86,7 @@ def _layout(cp: int = 1, tp: int = 1, dp: int = 1, pp: int = 1, sp: bool = False
         f"parallel.pp={pp}",
         f"parallel.sequence_parallel={str(sp).lower()}",
         f"train.micro_batch_size={4 // dp}",
-        f"parallel.zero_stage={int(pp > 1)}",  # pipelines run with ZeRO 1
+        f"parallel.zero_stage={max(zero, int(pp > 1))}",  # pipelines run with ZeRO 1
     ]
 
 
@@ -105,6 +107,10 @@ def test_context_parallel_trains_as_one_process(
     world2 = {
         "cp2-llama": loop("cp2-llama", *LLAMA, *_layout(cp=2), "checkpoint.save_interval=3"),
         "cp2-gpt2": loop("cp2-gpt2", *GPT2, *_layout(cp=2)),
+        # The ring runs again in backward's recompute, in the same order on every rank.
+        "cp2-llama-ckpt": loop(
+            "cp2-llama-ckpt", *LLAMA, *_layout(cp=2), "train.activation_checkpointing=1"
+        ),
         "straight": loop("straight", *LLAMA, *_layout(cp=2), *resume),
         "stopped": loop("resumed", *LLAMA, *_layout(cp=2), *resume, "train.exit_interval=2"),
         "resumed": loop("resumed", *LLAMA, *_layout(cp=2), *resume),
@@ -122,7 +128,8 @@ def test_context_parallel_trains_as_one_process(
     world4 = {
         "cp4-llama": loop("cp4-llama", *LLAMA, *_layout(cp=4)),
         "cp2-tp2-sp-llama": loop("cp2-tp2-sp-llama", *LLAMA, *_layout(cp=2, tp=2, sp=True)),
-        "cp2-dp2-gpt2": loop("cp2-dp2-gpt2", *GPT2, *_layout(cp=2, dp=2)),
+        # ZeRO 1 partitions the optimizer over DeepSpeed's data-parallel group: dp x cp ranks.
+        "cp2-dp2-gpt2": loop("cp2-dp2-gpt2", *GPT2, *_layout(cp=2, dp=2, zero=1)),
         "cp2-pp2-gpt2": loop("cp2-pp2-gpt2", *GPT2, *_layout(cp=2, pp=2)),
         "docs-cp4-llama": _docs(LLAMA, cp=4),
         "docs-cp2-pp2-gpt2": _docs(GPT2, cp=2, pp=2),
@@ -144,6 +151,7 @@ def test_context_parallel_trains_as_one_process(
     for name, ref in {
         "cp2-llama": "llama",
         "cp2-gpt2": "gpt2",
+        "cp2-llama-ckpt": "llama",
         "cp4-llama": "llama",
         "cp2-tp2-sp-llama": "llama",
         "cp2-dp2-gpt2": "gpt2",
