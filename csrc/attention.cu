@@ -17,6 +17,12 @@
 //           over every query head of the key's group, which is how grouped-query attention sums
 //           its gradient.
 //
+// Modes (AttentionMode, csrc/kernels.h): keys may be another block of the sequence (seq_k rows
+// at global offset k_offset against queries at q_offset), causal by global position or not at
+// all, and packed documents (segment ids per query and key). The plain causal attention is the
+// mode {seq, 0, 0, causal}. A query that sees no key keeps a running max of -inf: its
+// exponentials are taken against 0 instead, its sum stays 0, and it stores out 0, lse -inf.
+//
 // Scores are kept in the log2 domain (scaled by log2(e) / sqrt(head_dim)) so that exp is exp2f.
 // Fragment layouts: csrc/mma.cuh. Reference: megatron_llm/kernels/reference.py
 // causal_attention; parity: tests/test_kernel_emulator.py (CPU) and tests/test_kernels.py
@@ -135,6 +141,29 @@ __device__ __forceinline__ void mma_p_tile(float (&acc)[D / 8][4], const float (
   }
 }
 
+// Whether query row `query` sees key row `key` in sample `batch` (rows past the ends see nothing).
+__device__ __forceinline__ bool visible(const AttentionMode& mode, int batch, int seq, int query,
+                                        int key) {
+  if (query >= seq || key >= mode.seq_k) return false;
+  if (mode.causal && mode.k_offset + key > mode.q_offset + query) return false;
+  return mode.q_segments == nullptr ||
+         mode.q_segments[static_cast<int64_t>(batch) * seq + query] ==
+             mode.k_segments[static_cast<int64_t>(batch) * mode.seq_k + key];
+}
+
+// The keys [0, end) that queries before row `query_end` may see (causal: none later).
+__device__ __forceinline__ int key_end(const AttentionMode& mode, int query_end) {
+  if (!mode.causal) return mode.seq_k;
+  return max(0, min(mode.seq_k, mode.q_offset + query_end - mode.k_offset));
+}
+
+// The first query row that may see key row `key0` (causal: none earlier), down to a multiple
+// of `tile`.
+__device__ __forceinline__ int query_begin(const AttentionMode& mode, int key0, int tile) {
+  if (!mode.causal) return 0;
+  return (max(0, mode.k_offset + key0 - mode.q_offset) / tile) * tile;
+}
+
 // Max and sum over the 4 lanes that hold one row of an accumulator.
 __device__ __forceinline__ float quad_max(float v) {
   v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
@@ -170,7 +199,7 @@ __global__ void __launch_bounds__(kThreads)
     attention_forward_kernel(const T* __restrict__ q, const T* __restrict__ k,
                              const T* __restrict__ v, T* __restrict__ o,
                              float* __restrict__ lse, int heads, int kv_heads, int seq,
-                             float scale_log2) {
+                             float scale_log2, AttentionMode mode) {
   __shared__ __align__(16) T k_tile[kTileK][D + kPad];
   __shared__ __align__(16) T v_tile[kTileK][D + kPad];
 
@@ -180,9 +209,10 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x % 32;
   const int row0 = q_block * kBlockQ + (threadIdx.x / 32) * 16;  // the warp's first query
   const int rows[2] = {row0 + lane / 4, row0 + lane / 4 + 8};     // this lane's two queries
+  const int batch = bh / heads;
   const int64_t head_offset = static_cast<int64_t>(bh) * seq * D;
-  const T* kh = k + static_cast<int64_t>(kv_bh) * seq * D;
-  const T* vh = v + static_cast<int64_t>(kv_bh) * seq * D;
+  const T* kh = k + static_cast<int64_t>(kv_bh) * mode.seq_k * D;
+  const T* vh = v + static_cast<int64_t>(kv_bh) * mode.seq_k * D;
 
   uint32_t qa[D / 16][4];
   load_a<T, D>(qa, q + head_offset, row0, seq);
@@ -190,11 +220,11 @@ __global__ void __launch_bounds__(kThreads)
   float m[2] = {-INFINITY, -INFINITY};  // running max of the scores (log2 domain)
   float l[2] = {0.0f, 0.0f};            // this lane's part of the running sum of exp2(s - m)
 
-  const int kv_end = min(seq, (q_block + 1) * kBlockQ);  // causal: no later keys
+  const int kv_end = key_end(mode, (q_block + 1) * kBlockQ);  // causal: no later keys
   for (int first = 0; first < kv_end; first += kTileK) {
     __syncthreads();  // everyone is done with the previous tile
-    load_rows<T, kTileK, D>(k_tile, kh, first, seq);
-    load_rows<T, kTileK, D>(v_tile, vh, first, seq);
+    load_rows<T, kTileK, D>(k_tile, kh, first, mode.seq_k);
+    load_rows<T, kTileK, D>(v_tile, vh, first, mode.seq_k);
     __syncthreads();
 
     float s[kTileK / 8][4] = {};
@@ -205,17 +235,20 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int key = first + n * 8 + 2 * (lane % 4) + i % 2;
-        s[n][i] = key <= rows[i / 2] ? s[n][i] * scale_log2 : -INFINITY;
+        const bool seen = visible(mode, batch, seq, rows[i / 2], key);
+        s[n][i] = seen ? s[n][i] * scale_log2 : -INFINITY;
         tile_max[i / 2] = fmaxf(tile_max[i / 2], s[n][i]);
       }
     }
-    // Key 0 is in the first tile and visible to every query, so m is finite from then on and
-    // no exp2f below sees inf - inf.
+    // A query that has seen no key yet has m = -inf: shift by 0 instead, so that no exp2f
+    // below sees inf - inf (its masked scores give exp2f(-inf) = 0).
     float correction[2];
+    float shift[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const float m_new = fmaxf(m[h], quad_max(tile_max[h]));
-      correction[h] = exp2f(m[h] - m_new);
+      shift[h] = m_new == -INFINITY ? 0.0f : m_new;
+      correction[h] = exp2f(m[h] - shift[h]);
       m[h] = m_new;
       l[h] *= correction[h];
     }
@@ -223,7 +256,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int n = 0; n < kTileK / 8; ++n) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        s[n][i] = exp2f(s[n][i] - m[i / 2]);
+        s[n][i] = exp2f(s[n][i] - shift[i / 2]);
         l[i / 2] += s[n][i];
       }
     }
@@ -239,13 +272,16 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     l[h] = quad_sum(l[h]);
-    inv_l[h] = 1.0f / l[h];
+    inv_l[h] = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;  // a query that sees nothing: out 0
   }
   store_rows<T, D>(o + head_offset, acc, row0, seq, inv_l);
   if (lane % 4 == 0) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      if (rows[h] < seq) lse[static_cast<int64_t>(bh) * seq + rows[h]] = (m[h] + log2f(l[h])) * kLn2;
+      if (rows[h] < seq) {
+        lse[static_cast<int64_t>(bh) * seq + rows[h]] =
+            l[h] > 0.0f ? (m[h] + log2f(l[h])) * kLn2 : -INFINITY;
+      }
     }
   }
 }
@@ -272,7 +308,7 @@ __global__ void __launch_bounds__(kThreads)
                         const T* __restrict__ v, const T* __restrict__ dout,
                         const float* __restrict__ lse, const float* __restrict__ delta,
                         T* __restrict__ dq, int heads, int kv_heads, int seq, float scale_log2,
-                        float scale) {
+                        float scale, AttentionMode mode) {
   __shared__ __align__(16) T k_tile[kTileK][D + kPad];
   __shared__ __align__(16) T v_tile[kTileK][D + kPad];
 
@@ -282,9 +318,10 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x % 32;
   const int row0 = q_block * kBlockQ + (threadIdx.x / 32) * 16;
   const int rows[2] = {row0 + lane / 4, row0 + lane / 4 + 8};
+  const int batch = bh / heads;
   const int64_t head_offset = static_cast<int64_t>(bh) * seq * D;
-  const T* kh = k + static_cast<int64_t>(kv_bh) * seq * D;
-  const T* vh = v + static_cast<int64_t>(kv_bh) * seq * D;
+  const T* kh = k + static_cast<int64_t>(kv_bh) * mode.seq_k * D;
+  const T* vh = v + static_cast<int64_t>(kv_bh) * mode.seq_k * D;
 
   uint32_t qa[D / 16][4];
   uint32_t da[D / 16][4];
@@ -300,11 +337,11 @@ __global__ void __launch_bounds__(kThreads)
   }
   float acc[D / 8][4] = {};
 
-  const int kv_end = min(seq, (q_block + 1) * kBlockQ);
+  const int kv_end = key_end(mode, (q_block + 1) * kBlockQ);
   for (int first = 0; first < kv_end; first += kTileK) {
     __syncthreads();
-    load_rows<T, kTileK, D>(k_tile, kh, first, seq);
-    load_rows<T, kTileK, D>(v_tile, vh, first, seq);
+    load_rows<T, kTileK, D>(k_tile, kh, first, mode.seq_k);
+    load_rows<T, kTileK, D>(v_tile, vh, first, mode.seq_k);
     __syncthreads();
 
     float s[kTileK / 8][4] = {};
@@ -317,7 +354,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int i = 0; i < 4; ++i) {
         const int key = first + n * 8 + 2 * (lane % 4) + i % 2;
         const int h = i / 2;
-        const float p = key <= rows[h] && rows[h] < seq
+        const float p = visible(mode, batch, seq, rows[h], key)
                             ? exp2f(s[n][i] * scale_log2 - lse_log2[h])
                             : 0.0f;
         s[n][i] = p * (dp[n][i] - delta_r[h]);  // dS
@@ -338,7 +375,7 @@ __global__ void __launch_bounds__(kThreads)
                           const T* __restrict__ v, const T* __restrict__ dout,
                           const float* __restrict__ lse, const float* __restrict__ delta,
                           T* __restrict__ dk, T* __restrict__ dv, int heads, int kv_heads,
-                          int seq, float scale_log2, float scale) {
+                          int seq, float scale_log2, float scale, AttentionMode mode) {
   __shared__ __align__(16) T q_tile[kTileQ][D + kPad];
   __shared__ __align__(16) T do_tile[kTileQ][D + kPad];
   __shared__ float lse_tile[kTileQ];
@@ -352,17 +389,17 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x % 32;
   const int key0 = k_block * kBlockK + (threadIdx.x / 32) * 16;  // the warp's first key
   const int keys[2] = {key0 + lane / 4, key0 + lane / 4 + 8};
-  const int64_t kv_offset = static_cast<int64_t>(kv_bh) * seq * D;
+  const int64_t kv_offset = static_cast<int64_t>(kv_bh) * mode.seq_k * D;
 
   uint32_t ka[D / 16][4];
   uint32_t va[D / 16][4];
-  load_a<T, D>(ka, k + kv_offset, key0, seq);
-  load_a<T, D>(va, v + kv_offset, key0, seq);
+  load_a<T, D>(ka, k + kv_offset, key0, mode.seq_k);
+  load_a<T, D>(va, v + kv_offset, key0, mode.seq_k);
   float dk_acc[D / 8][4] = {};
   float dv_acc[D / 8][4] = {};
 
-  // Causal: the first query that sees a key of this block is its first key.
-  const int q_start = (k_block * kBlockK / kTileQ) * kTileQ;
+  // Causal: no query before the one at the block's first key's global position sees it.
+  const int q_start = query_begin(mode, k_block * kBlockK, kTileQ);
   for (int head = first_head; head < first_head + group; ++head) {
     const int64_t bh = static_cast<int64_t>(batch) * heads + head;
     const T* qh = q + bh * seq * D;
@@ -388,7 +425,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int i = 0; i < 4; ++i) {
           const int col = n * 8 + 2 * (lane % 4) + i % 2;
           const int query = first + col;
-          const float p = query < seq && keys[i / 2] <= query
+          const float p = visible(mode, batch, seq, query, keys[i / 2])
                               ? exp2f(st[n][i] * scale_log2 - lse_tile[col])
                               : 0.0f;
           st[n][i] = p;
@@ -402,8 +439,8 @@ __global__ void __launch_bounds__(kThreads)
 
   const float dk_factor[2] = {scale, scale};
   const float dv_factor[2] = {1.0f, 1.0f};
-  store_rows<T, D>(dk + kv_offset, dk_acc, key0, seq, dk_factor);
-  store_rows<T, D>(dv + kv_offset, dv_acc, key0, seq, dv_factor);
+  store_rows<T, D>(dk + kv_offset, dk_acc, key0, mode.seq_k, dk_factor);
+  store_rows<T, D>(dv + kv_offset, dv_acc, key0, mode.seq_k, dv_factor);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -466,12 +503,21 @@ void check_aligned(const void* p, const char* name) {
     }                                                                \
   } while (0)
 
+void check_mode(const AttentionMode& mode) {
+  HOST_CHECK(mode.seq_k >= 1, "attention: seq_k=" + std::to_string(mode.seq_k) + " must be >= 1");
+  HOST_CHECK(ceil_div(mode.seq_k, kBlockK) <= 65535,
+             "attention: seq_k must be at most " + std::to_string(65535 * kBlockK));
+  HOST_CHECK((mode.q_segments == nullptr) == (mode.k_segments == nullptr),
+             "attention: give both q_segments and k_segments, or neither");
+}
+
 }  // namespace
 
-void attention_forward(const void* q, const void* k, const void* v, void* o, float* lse,
-                       int batch, int heads, int kv_heads, int seq, int head_dim, DType dtype,
-                       cudaStream_t stream) {
+void attention_forward_mode(const void* q, const void* k, const void* v, void* o, float* lse,
+                            int batch, int heads, int kv_heads, int seq, int head_dim,
+                            const AttentionMode& mode, DType dtype, cudaStream_t stream) {
   check_attention_shape(batch, heads, kv_heads, seq, head_dim, dtype);
+  check_mode(mode);
   HOST_CHECK(q && k && v && o && lse, "attention_forward: null pointer");
   check_aligned(q, "q");
   check_aligned(k, "k");
@@ -482,16 +528,18 @@ void attention_forward(const void* q, const void* k, const void* v, void* o, flo
   DISPATCH_ATTENTION(dtype, head_dim, {
     attention_forward_kernel<T, D><<<grid, kThreads, 0, stream>>>(
         static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
-        static_cast<T*>(o), lse, heads, kv_heads, seq, scale_log2);
+        static_cast<T*>(o), lse, heads, kv_heads, seq, scale_log2, mode);
   });
   CUDA_CHECK(cudaGetLastError());
 }
 
-void attention_backward(const void* q, const void* k, const void* v, const void* o,
-                        const void* dout, const float* lse, void* dq, void* dk, void* dv,
-                        float* delta, int batch, int heads, int kv_heads, int seq, int head_dim,
-                        DType dtype, cudaStream_t stream) {
+void attention_backward_mode(const void* q, const void* k, const void* v, const void* o,
+                             const void* dout, const float* lse, void* dq, void* dk, void* dv,
+                             float* delta, int batch, int heads, int kv_heads, int seq,
+                             int head_dim, const AttentionMode& mode, DType dtype,
+                             cudaStream_t stream) {
   check_attention_shape(batch, heads, kv_heads, seq, head_dim, dtype);
+  check_mode(mode);
   HOST_CHECK(q && k && v && o && dout && lse && dq && dk && dv && delta,
              "attention_backward: null pointer");
   for (const auto& [p, name] : {std::pair<const void*, const char*>{q, "q"}, {k, "k"}, {v, "v"},
@@ -505,7 +553,7 @@ void attention_backward(const void* q, const void* k, const void* v, const void*
   HOST_CHECK((rows + warps_per_block - 1) / warps_per_block <= INT32_MAX,
              "attention_backward: batch * heads * seq too large");
   const dim3 q_grid(batch * heads, ceil_div(seq, kBlockQ));
-  const dim3 k_grid(batch * kv_heads, ceil_div(seq, kBlockK));
+  const dim3 k_grid(batch * kv_heads, ceil_div(mode.seq_k, kBlockK));
   DISPATCH_ATTENTION(dtype, head_dim, {
     attention_delta_kernel<T, D><<<ceil_div(rows, warps_per_block), 32 * warps_per_block, 0,
                                    stream>>>(static_cast<const T*>(o),
@@ -514,14 +562,32 @@ void attention_backward(const void* q, const void* k, const void* v, const void*
     attention_dq_kernel<T, D><<<q_grid, kThreads, 0, stream>>>(
         static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
         static_cast<const T*>(dout), lse, delta, static_cast<T*>(dq), heads, kv_heads, seq,
-        scale_log2, scale);
+        scale_log2, scale, mode);
     CUDA_CHECK(cudaGetLastError());
     attention_dkdv_kernel<T, D><<<k_grid, kThreads, 0, stream>>>(
         static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
         static_cast<const T*>(dout), lse, delta, static_cast<T*>(dk), static_cast<T*>(dv),
-        heads, kv_heads, seq, scale_log2, scale);
+        heads, kv_heads, seq, scale_log2, scale, mode);
   });
   CUDA_CHECK(cudaGetLastError());
+}
+
+// The plain causal attention: one block, its keys the queries' own positions.
+void attention_forward(const void* q, const void* k, const void* v, void* o, float* lse,
+                       int batch, int heads, int kv_heads, int seq, int head_dim, DType dtype,
+                       cudaStream_t stream) {
+  const AttentionMode mode{seq, 0, 0, true, nullptr, nullptr};
+  attention_forward_mode(q, k, v, o, lse, batch, heads, kv_heads, seq, head_dim, mode, dtype,
+                         stream);
+}
+
+void attention_backward(const void* q, const void* k, const void* v, const void* o,
+                        const void* dout, const float* lse, void* dq, void* dk, void* dv,
+                        float* delta, int batch, int heads, int kv_heads, int seq, int head_dim,
+                        DType dtype, cudaStream_t stream) {
+  const AttentionMode mode{seq, 0, 0, true, nullptr, nullptr};
+  attention_backward_mode(q, k, v, o, dout, lse, dq, dk, dv, delta, batch, heads, kv_heads, seq,
+                          head_dim, mode, dtype, stream);
 }
 
 }  // namespace mllm

@@ -185,6 +185,89 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   return {dq, dk, dv};
 }
 
+// One block of a longer attention (AttentionMode in kernels.h): k, v (batch, kv_heads, seq_k,
+// head_dim) at global offset k_offset, q at q_offset, causal by global position or not, and
+// optional int32 segment ids (batch, seq) / (batch, seq_k) (packed documents).
+mllm::AttentionMode attention_mode(const at::Tensor& q, const at::Tensor& k, int64_t q_offset,
+                                   int64_t k_offset, bool causal,
+                                   const std::optional<at::Tensor>& q_segments,
+                                   const std::optional<at::Tensor>& k_segments) {
+  TORCH_CHECK(q_segments.has_value() == k_segments.has_value(),
+              "give both q_segments and k_segments, or neither");
+  TORCH_CHECK(q_offset >= 0 && k_offset >= 0 && q_offset <= INT32_MAX && k_offset <= INT32_MAX,
+              "q_offset ", q_offset, " and k_offset ", k_offset, " must be in [0, 2^31)");
+  const int32_t* q_ids = nullptr;
+  const int32_t* k_ids = nullptr;
+  if (q_segments.has_value()) {
+    for (const auto& [t, rows, name] :
+         {std::tuple<const at::Tensor&, int64_t, const char*>{*q_segments, q.size(2), "q_segments"},
+          {*k_segments, k.size(2), "k_segments"}}) {
+      TORCH_CHECK(t.is_cuda() && t.device() == q.device() && t.scalar_type() == at::kInt &&
+                      t.is_contiguous() && t.dim() == 2 && t.size(0) == q.size(0) &&
+                      t.size(1) == rows,
+                  name, " must be a contiguous int32 (batch, ", rows, ") tensor on ", q.device(),
+                  "; got ", t.scalar_type(), " ", t.sizes());
+    }
+    q_ids = q_segments->data_ptr<int32_t>();
+    k_ids = k_segments->data_ptr<int32_t>();
+  }
+  return mllm::AttentionMode{static_cast<int>(k.size(2)), static_cast<int>(q_offset),
+                             static_cast<int>(k_offset), causal, q_ids, k_ids};
+}
+
+void check_block_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_input(q, "q", q);
+  check_input(k, "k", q);
+  check_input(v, "v", q);
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == q.size(0) &&
+                  k.size(3) == q.size(3),
+              "q must be (batch, heads, seq, head_dim) and k, v (batch, kv_heads, seq_k, "
+              "head_dim); got q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_mode(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t q_offset,
+    int64_t k_offset, bool causal, const std::optional<at::Tensor>& q_segments,
+    const std::optional<at::Tensor>& k_segments) {
+  check_block_attention(q, k, v);
+  const auto mode = attention_mode(q, k, q_offset, k_offset, causal, q_segments, k_segments);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  mllm::attention_forward_mode(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                               lse.data_ptr<float>(), q.size(0), q.size(1), k.size(1), q.size(2),
+                               q.size(3), mode, dtype_tag(q, "q"), stream());
+  return {out, lse};
+}
+
+// out and lse: those of the WHOLE attention this block is part of (ring attention merges them).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_mode(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, int64_t q_offset, int64_t k_offset,
+    bool causal, const std::optional<at::Tensor>& q_segments,
+    const std::optional<at::Tensor>& k_segments) {
+  check_block_attention(q, k, v);
+  check_input(out, "out", q);
+  check_input(dout, "dout", q);
+  TORCH_CHECK(out.sizes() == q.sizes() && dout.sizes() == q.sizes(), "out ", out.sizes(),
+              " and dout ", dout.sizes(), " must match q ", q.sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
+                  lse.device() == q.device() && lse.numel() == q.numel() / q.size(3),
+              "lse must be the fp32 (batch, heads, seq) log-sum-exp of the whole attention");
+  const auto mode = attention_mode(q, k, q_offset, k_offset, causal, q_segments, k_segments);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor dq = at::empty_like(q);
+  at::Tensor dk = at::empty_like(k);
+  at::Tensor dv = at::empty_like(v);
+  at::Tensor delta = at::empty_like(lse);
+  mllm::attention_backward_mode(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                                dout.data_ptr(), lse.data_ptr<float>(), dq.data_ptr(),
+                                dk.data_ptr(), dv.data_ptr(), delta.data_ptr<float>(), q.size(0),
+                                q.size(1), k.size(1), q.size(2), q.size(3), mode,
+                                dtype_tag(q, "q"), stream());
+  return {dq, dk, dv};
+}
+
 // probes.cu: in (384 fp32) -> out (128 fp32); `bf16` picks the operand type.
 at::Tensor probe_mma(const at::Tensor& in, bool bf16) {
   TORCH_CHECK(in.is_cuda() && in.scalar_type() == at::kFloat && in.is_contiguous() &&
@@ -219,6 +302,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rmsnorm_backward", &rmsnorm_backward, "dy, x, weight, rstd -> dx, dweight (fp32)");
   m.def("attention_forward", &attention_forward, "q, k, v -> out, lse (causal)");
   m.def("attention_backward", &attention_backward, "dout, q, k, v, out, lse -> dq, dk, dv");
+  m.def("attention_forward_mode", &attention_forward_mode,
+        "q, k, v, q_offset, k_offset, causal, q_segments|None, k_segments|None -> out, lse");
+  m.def("attention_backward_mode", &attention_backward_mode,
+        "dout, q, k, v, out, lse, q_offset, k_offset, causal, q_segments|None, k_segments|None "
+        "-> dq, dk, dv");
   m.def("probe_mma", &probe_mma, "A then B (384 fp32), bf16 -> A B (16x8 fp32) via mma.sync");
   m.def("probe_ldmatrix", &probe_ldmatrix, "16x16 fp32 -> each lane's ldmatrix fragments");
 }

@@ -62,6 +62,30 @@ void attention_backward(const void* q, const void* k, const void* v, const void*
                         float* delta, int batch, int heads, int kv_heads, int seq, int head_dim,
                         DType dtype, cudaStream_t stream);
 
+// One block of a longer attention, as ring attention and packed documents need it (the
+// reference: megatron_llm/kernels/attention.py block_attention). Queries are the `seq` rows of
+// q; keys and values the `seq_k` rows of k, v, dk, dv. Key j is visible to query i when
+// (not causal, or k_offset + j <= q_offset + i: the causal mask by global position) and, with
+// segment ids, q_segments[b][i] == k_segments[b][j] (packed documents). A query that sees no
+// key gets out 0 and lse -inf (no NaN), and no gradient. Backward takes the lse (and out) of
+// the WHOLE attention the block is part of, so the blocks' dq add up and dk, dv are this block's.
+struct AttentionMode {
+  int seq_k;                            // keys per head
+  int q_offset;                         // global position of query 0
+  int k_offset;                         // global position of key 0
+  bool causal;                          // mask keys after the query (by global position)
+  const int32_t* q_segments;            // (batch, seq) segment ids, or null
+  const int32_t* k_segments;            // (batch, seq_k), null exactly when q_segments is
+};
+void attention_forward_mode(const void* q, const void* k, const void* v, void* o, float* lse,
+                            int batch, int heads, int kv_heads, int seq, int head_dim,
+                            const AttentionMode& mode, DType dtype, cudaStream_t stream);
+void attention_backward_mode(const void* q, const void* k, const void* v, const void* o,
+                             const void* dout, const float* lse, void* dq, void* dk, void* dv,
+                             float* delta, int batch, int heads, int kv_heads, int seq,
+                             int head_dim, const AttentionMode& mode, DType dtype,
+                             cudaStream_t stream);
+
 // probes.cu: one warp's mma.sync m16n8k16 (in: A 16x16 then B 16x8, fp32 row-major, rounded
 // to `dtype`; out: the 16x8 fp32 product) and ldmatrix x4 (in: a 16x16 matrix; out: 512 floats,
 // each lane's fragments, plain then transposed). For the tests of the fragment layouts.

@@ -67,6 +67,57 @@ def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         assert ours_err <= 3 * theirs_err + 1e-3, f"{name}: {ours_err} vs torch {theirs_err}"
 
 
+MODE_TOL = {torch.float16: 5e-3, torch.bfloat16: 4e-2}  # max abs error, out and gradients
+
+
+def check_attention_mode(
+    ext: Any,
+    device: str,
+    dtype: torch.dtype,
+    sizes: tuple[int, ...],
+    q_offset: int,
+    k_offset: int,
+    causal: bool,
+    segments: bool,
+) -> None:
+    """ext.attention_forward_mode / attention_backward_mode against block_attention (fp32, on
+    the same rounded inputs): out, lse (-inf exactly where a query sees nothing) and dq, dk, dv
+    from the block's own out and lse. sizes: batch, heads, kv_heads, seq, seq_k, head_dim."""
+    from megatron_llm.kernels.attention import block_attention, block_attention_backward
+
+    batch, heads, kv_heads, seq, seq_k, d = sizes
+    q = torch.randn(batch, heads, seq, d).to(dtype)
+    k, v = (torch.randn(batch, kv_heads, seq_k, d).to(dtype) for _ in range(2))
+    q_ids = k_ids = None
+    if segments:  # documents over the global positions both blocks cover
+        ids = torch.randint(0, 4, (batch, max(q_offset + seq, k_offset + seq_k))).sort(-1).values
+        q_ids, k_ids = ids[:, q_offset : q_offset + seq], ids[:, k_offset : k_offset + seq_k]
+    kw = dict(q_start=q_offset, k_start=k_offset, causal=causal, q_segments=q_ids, k_segments=k_ids)
+    ref_out, ref_lse = block_attention(q.float(), k.float(), v.float(), **kw)
+    on = [t.to(device) for t in (q, k, v)]
+    ids_on = [None if t is None else t.int().to(device) for t in (q_ids, k_ids)]
+    out, lse = ext.attention_forward_mode(*on, q_offset, k_offset, causal, *ids_on)
+    out, lse = out.cpu(), lse.cpu()
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), "queries that see nothing"
+    seen = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[seen], ref_lse[seen], atol=1e-3, rtol=1e-4)
+    tol = MODE_TOL[dtype]
+    assert attention_error(out, ref_out) <= tol, f"out: {attention_error(out, ref_out)}"
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    got = ext.attention_backward_mode(
+        dout.to(device), *on, out.to(device), lse.to(device), q_offset, k_offset, causal, *ids_on
+    )
+    want = block_attention_backward(
+        dout.float(), q.float(), k.float(), v.float(), out.float(), lse, **kw
+    )
+    for name, g, w in zip(["dq", "dk", "dv"], got, want):
+        assert g.dtype == dtype, name
+        assert attention_error(g.cpu(), w) <= tol * max(1.0, w.abs().max().item()), (
+            f"{name}: {attention_error(g.cpu(), w)}"
+        )
+
+
 def check_mma(ext: Any, device: str, bf16: bool) -> None:
     """probe_mma(A then B) must be A @ B for operands exact in fp16 and bf16."""
     gen = torch.Generator().manual_seed(0)

@@ -62,6 +62,8 @@ _SIGNATURES = {  # csrc/emulator/capi.cpp
     "mllm_emu_norm_backward_blocks": [_L, _I, _I],
     "mllm_emu_attention_forward": [_P] * 5 + [_I] * 6,
     "mllm_emu_attention_backward": [_P] * 10 + [_I] * 6,
+    "mllm_emu_attention_forward_mode": [_P] * 5 + [_I] * 6 + [_I] * 4 + [_P] * 2,
+    "mllm_emu_attention_backward_mode": [_P] * 10 + [_I] * 6 + [_I] * 4 + [_P] * 2,
     "mllm_emu_fault": [ctypes.c_char_p, _P, _P, _I],
     "mllm_emu_probe_mma": [_P, _P, _I],
     "mllm_emu_probe_ldmatrix": [_P, _P],
@@ -195,6 +197,28 @@ class _Guarded:
                 f"{what}: {nan} of {self.view.numel()} elements are NaN: left unwritten, or "
                 "computed from memory nothing wrote (a race, or a read out of bounds)"
             )
+
+
+class _GuardedIds:
+    """int32 ids (segment ids) between guard zones of a sentinel no id takes: a kernel reading
+    past the ids reads the sentinel, which matches no real id; writing there is reported."""
+
+    SENTINEL = -(2**31)
+
+    def __init__(self, data: torch.Tensor):
+        numel = data.numel()
+        self.storage = torch.full((numel + 2 * GUARD,), self.SENTINEL, dtype=torch.int32)
+        self.view = self.storage[GUARD : GUARD + numel].view(*data.shape)
+        self.view.copy_(data)
+
+    @property
+    def ptr(self) -> int:
+        return self.view.data_ptr()
+
+    def check(self, what: str, written: bool) -> None:
+        head, tail = self.storage[:GUARD], self.storage[GUARD + self.view.numel() :]
+        if not ((head == self.SENTINEL).all() and (tail == self.SENTINEL).all()):
+            raise GuardError(f"{what}: a kernel wrote outside the buffer")
 
 
 class EmulatedExtension:
@@ -345,6 +369,47 @@ class EmulatedExtension:
         args = [b.ptr for b in ins] + [dq.ptr, dk.ptr, dv.ptr, delta.ptr, *sizes, DTYPES[q.dtype]]
         outs = {"dq": dq, "dk": dk, "dv": dv, "delta": delta}
         self._run("attention_backward", args, outs, ins)
+        return dq.view.clone(), dk.view.clone(), dv.view.clone()
+
+    def _mode(self, q, k, q_offset, k_offset, causal, q_segments, k_segments):
+        """The AttentionMode arguments (after the dtype tag) and the guarded segment ids."""
+        if (q_segments is None) != (k_segments is None):
+            raise ValueError("give both q_segments and k_segments, or neither")
+        ids = []
+        if q_segments is not None:
+            for t, n, name in ((q_segments, q.shape[2], "q"), (k_segments, k.shape[2], "k")):
+                if tuple(t.shape) != (q.shape[0], n):
+                    raise ValueError(
+                        f"{name}_segments {tuple(t.shape)}: expected {(q.shape[0], n)}"
+                    )
+            ids = [_GuardedIds(q_segments.int()), _GuardedIds(k_segments.int())]
+        ptrs = [b.ptr for b in ids] or [None, None]
+        return [k.shape[2], q_offset, k_offset, int(causal), *ptrs], ids
+
+    def attention_forward_mode(
+        self, q, k, v, q_offset, k_offset, causal, q_segments=None, k_segments=None
+    ):
+        sizes = self._attention_shape(q, k, v)
+        mode, ids = self._mode(q, k, q_offset, k_offset, causal, q_segments, k_segments)
+        gq, gk, gv = self._input(q, "q"), self._input(k, "k"), self._input(v, "v")
+        out, lse = _Guarded(q.shape, q.dtype), _Guarded(q.shape[:3], torch.float32)
+        args = [gq.ptr, gk.ptr, gv.ptr, out.ptr, lse.ptr, *sizes, DTYPES[q.dtype], *mode]
+        outs = {"out": out, "lse": lse}
+        self._run("attention_forward_mode", args, outs, [gq, gk, gv, *ids])
+        return out.view.clone(), lse.view.clone()
+
+    def attention_backward_mode(
+        self, dout, q, k, v, out, lse, q_offset, k_offset, causal, q_segments=None, k_segments=None
+    ):
+        sizes = self._attention_shape(q, k, v)
+        mode, ids = self._mode(q, k, q_offset, k_offset, causal, q_segments, k_segments)
+        names = ["q", "k", "v", "out", "dout", "lse"]
+        ins = [self._input(t, n) for t, n in zip([q, k, v, out, dout, lse], names)]
+        dq, dk, dv = (_Guarded(t.shape, t.dtype) for t in (q, k, v))
+        delta = _Guarded(q.shape[:3], torch.float32)
+        args = [b.ptr for b in ins] + [dq.ptr, dk.ptr, dv.ptr, delta.ptr, *sizes, DTYPES[q.dtype]]
+        outs = {"dq": dq, "dk": dk, "dv": dv, "delta": delta}
+        self._run("attention_backward_mode", args + mode, outs, [*ins, *ids])
         return dq.view.clone(), dk.view.clone(), dv.view.clone()
 
     def probe_mma(self, x, bf16):

@@ -275,6 +275,84 @@ def test_attention_launcher_refuses_what_it_cannot_do(emulator):
 # the model
 
 
+# the block modes of ring attention and packed documents (AttentionMode), against
+# megatron_llm/kernels/attention.py block_attention
+
+MODE_CASES = [
+    # dtype, head_dim, heads, kv_heads, seq, seq_k, q_offset, k_offset, causal, segments
+    (torch.bfloat16, 64, 4, 2, 40, 90, 100, 30, True, False),  # keys partly in the past
+    (torch.float16, 64, 2, 1, 70, 33, 0, 0, False, False),  # full (non-causal) block
+    (torch.bfloat16, 64, 4, 2, 40, 90, 0, 50, True, False),  # keys all in the future
+    (torch.float16, 128, 2, 2, 65, 65, 0, 0, True, True),  # packed documents
+    (torch.bfloat16, 64, 4, 1, 50, 80, 60, 20, True, True),  # both: a ring step of documents
+]
+
+
+@pytest.mark.parametrize(
+    "dtype,head_dim,heads,kv_heads,seq,seq_k,q_offset,k_offset,causal,segments", MODE_CASES
+)
+def test_attention_modes_match_block_attention(
+    emulator, dtype, head_dim, heads, kv_heads, seq, seq_k, q_offset, k_offset, causal, segments
+):
+    torch.manual_seed(0)
+    kernel_checks.check_attention_mode(
+        emulator,
+        "cpu",
+        dtype,
+        (2, heads, kv_heads, seq, seq_k, head_dim),
+        q_offset,
+        k_offset,
+        causal,
+        segments,
+    )
+
+
+def test_attention_mode_does_not_depend_on_thread_order(emulator):
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 40, 64, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 1, 70, 64, dtype=torch.bfloat16) for _ in range(2))
+    ids = torch.randint(0, 3, (1, 110)).sort(-1).values.int()
+    args = (30, 0, True, ids[:, 30:70], ids[:, :70])
+    first = None
+    for schedule in SCHEDULES:
+        emulator.schedule = schedule
+        out, lse = emulator.attention_forward_mode(q, k, v, *args)
+        dout = torch.ones_like(out)
+        got = [out, lse, *emulator.attention_backward_mode(dout, q, k, v, out, lse, *args)]
+        first = first or got
+        for a, b in zip(first, got):
+            assert torch.equal(a, b), schedule
+    emulator.schedule = SCHEDULES[0]
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_model_with_emulated_kernels_and_documents_matches_the_plain_model(emulated, style):
+    # Packed documents reach the kernels' segment mode, never the plain causal kernel.
+    from megatron_llm.data.batch import DocumentMasking, model_inputs
+
+    torch.manual_seed(0)
+    cfg = dict(num_layers=1, hidden_size=128, num_heads=2, num_kv_heads=1, seq_length=32)
+    ours = GPT(ModelConfig(style=style, **cfg), 256).bfloat16()
+    plain = GPT(ModelConfig(style=style, kernels="torch", **cfg), 256).bfloat16()
+    plain.load_state_dict(ours.state_dict())
+    samples = torch.randint(1, 256, (2, 33)).masked_fill(torch.rand(2, 33) < 0.15, 0)
+    masking = DocumentMasking(eod=0, reset_attention_mask=True, reset_position_ids=True)
+    inputs, labels, ids = model_inputs(samples, masking)
+
+    def loss_and_grads(model):
+        model.zero_grad()
+        loss = model(inputs, labels, **ids)
+        loss.backward()
+        return loss.detach(), {n: p.grad.float() for n, p in model.named_parameters()}
+
+    loss, g = loss_and_grads(ours)
+    assert "attention_forward_mode" in emulated.calls and "attention_forward" not in emulated.calls
+    plain_loss, plain_g = loss_and_grads(plain)
+    torch.testing.assert_close(loss, plain_loss, atol=2e-2, rtol=2e-2)
+    for name in g:
+        torch.testing.assert_close(g[name], plain_g[name], atol=5e-2, rtol=5e-2, msg=name)
+
+
 @pytest.mark.parametrize("style", ["gpt2", "llama"])
 def test_model_with_emulated_kernels_matches_the_plain_model(emulated, style):
     torch.manual_seed(0)

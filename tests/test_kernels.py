@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from megatron_llm import kernels
 from megatron_llm.kernels import fused, measured, reference
+from megatron_llm.kernels.attention import block_attention, block_attention_backward
 from megatron_llm.model import GPT, ModelConfig
 from tests import kernel_checks
 from tests.kernel_checks import grads
@@ -108,6 +109,24 @@ class FakeExtension:
         return dq.to(q.dtype), group_sum(dk).to(k.dtype), group_sum(dv).to(v.dtype)
 
 
+class FakeModeExtension(FakeExtension):
+    """FakeExtension with the block modes (AttentionMode), by block_attention."""
+
+    def attention_forward_mode(self, q, k, v, q_offset, k_offset, causal, qs=None, ks=None):
+        self.calls.append("attention_forward_mode")
+        kw = dict(q_start=q_offset, k_start=k_offset, causal=causal, q_segments=qs, k_segments=ks)
+        out, lse = block_attention(acc(q), acc(k), acc(v), **kw)
+        return out.to(q.dtype), lse
+
+    def attention_backward_mode(
+        self, dout, q, k, v, out, lse, q_offset, k_offset, causal, qs=None, ks=None
+    ):
+        self.calls.append("attention_backward_mode")
+        kw = dict(q_start=q_offset, k_start=k_offset, causal=causal, q_segments=qs, k_segments=ks)
+        grads = block_attention_backward(acc(dout), acc(q), acc(k), acc(v), acc(out), lse, **kw)
+        return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
+
+
 @pytest.fixture
 def fake_ext(monkeypatch):
     """The fused path on CPU: a FakeExtension, CPU tensors taken for CUDA ones, and ours chosen
@@ -121,6 +140,28 @@ def fake_ext(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------
 # CPU: which path runs
+
+
+@pytest.mark.parametrize("with_mode", [True, False])
+def test_packed_documents_take_the_segment_mode_or_torch_never_the_plain_kernel(
+    monkeypatch, with_mode
+):
+    # An extension built before the segment mode has no attention_forward_mode: torch's path.
+    ext = FakeModeExtension() if with_mode else FakeExtension()
+    monkeypatch.setattr(fused, "ext", ext)
+    monkeypatch.setattr(kernels, "_is_cuda", lambda t: True)
+    monkeypatch.setenv(kernels.ENV, "ours")
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 64, 64, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, 64, 64, dtype=torch.float64) for _ in range(2))
+    segments = torch.randint(0, 4, (2, 64)).sort(-1).values
+    q16, k16, v16 = (t.detach().half() for t in (q, k, v))
+    y = kernels.causal_attention(q16.requires_grad_(), k16, v16, 0.0, "ours", segments=segments)
+    y.sum().backward()
+    want = reference.causal_attention(q16.float(), k16.float(), v16.float(), 0.0, segments)
+    torch.testing.assert_close(y.float(), want, atol=2e-3, rtol=2e-3)
+    calls = ["attention_forward_mode", "attention_backward_mode"] if with_mode else []
+    assert ext.calls == calls
 
 
 def test_backend_reports_the_fallback_and_why(monkeypatch):
@@ -530,6 +571,43 @@ def test_gpu_attention_saves_the_log_sum_exp_and_is_deterministic():
     second = fused.ext.attention_backward(dout, q, k, v, out, lse)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "sizes,q_offset,k_offset,causal,segments",
+    [
+        ((2, 8, 2, 300, 700, 128), 1000, 400, True, False),  # a ring step, keys partly past
+        ((2, 4, 4, 257, 130, 64), 0, 0, False, False),  # a full block
+        ((1, 4, 1, 128, 256, 64), 0, 512, True, False),  # keys all in the future
+        ((2, 8, 2, 1000, 1000, 128), 0, 0, True, True),  # packed documents
+        ((2, 4, 2, 300, 500, 64), 600, 100, True, True),  # a ring step of packed documents
+    ],
+)
+def test_gpu_attention_modes_match_block_attention(
+    dtype, sizes, q_offset, k_offset, causal, segments
+):
+    # The csrc AttentionMode (ring attention blocks, packed documents) on the GPU, as the
+    # emulator tier checks it on the CPU.
+    torch.manual_seed(0)
+    kernel_checks.check_attention_mode(
+        fused.ext, "cuda", dtype, sizes, q_offset, k_offset, causal, segments
+    )
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_packed_documents_use_the_segment_mode():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 256, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    segments = torch.randint(0, 5, (2, 256), device="cuda").sort(-1).values
+    q.requires_grad_()
+    y = kernels.causal_attention(q, k, v, 0.0, "ours", segments=segments)
+    assert "SegmentAttentionFunction" in type(y.grad_fn).__name__
+    want = reference.causal_attention(q.float(), k.float(), v.float(), 0.0, segments)
+    assert (y.float() - want).abs().max().item() < 4e-2
 
 
 @pytest.mark.gpu

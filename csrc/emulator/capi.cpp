@@ -95,6 +95,33 @@ int mllm_emu_attention_backward(const void* q, const void* k, const void* v, con
   });
 }
 
+int mllm_emu_attention_forward_mode(const void* q, const void* k, const void* v, void* o,
+                                    float* lse, int batch, int heads, int kv_heads, int seq,
+                                    int head_dim, int dtype_tag, int seq_k, int q_offset,
+                                    int k_offset, int causal, const int32_t* q_segments,
+                                    const int32_t* k_segments) {
+  return guarded([&] {
+    const mllm::AttentionMode mode{seq_k, q_offset, k_offset, causal != 0, q_segments,
+                                   k_segments};
+    mllm::attention_forward_mode(q, k, v, o, lse, batch, heads, kv_heads, seq, head_dim, mode,
+                                 dtype(dtype_tag), nullptr);
+  });
+}
+
+int mllm_emu_attention_backward_mode(const void* q, const void* k, const void* v, const void* o,
+                                     const void* dout, const float* lse, void* dq, void* dk,
+                                     void* dv, float* delta, int batch, int heads, int kv_heads,
+                                     int seq, int head_dim, int dtype_tag, int seq_k,
+                                     int q_offset, int k_offset, int causal,
+                                     const int32_t* q_segments, const int32_t* k_segments) {
+  return guarded([&] {
+    const mllm::AttentionMode mode{seq_k, q_offset, k_offset, causal != 0, q_segments,
+                                   k_segments};
+    mllm::attention_backward_mode(q, k, v, o, dout, lse, dq, dk, dv, delta, batch, heads,
+                                  kv_heads, seq, head_dim, mode, dtype(dtype_tag), nullptr);
+  });
+}
+
 int mllm_emu_probe_mma(const float* in, float* out, int dtype_tag) {
   return guarded([&] { mllm::probe_mma(in, out, dtype(dtype_tag), nullptr); });
 }

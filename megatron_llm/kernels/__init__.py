@@ -8,7 +8,8 @@ F.scaled_dot_product_attention, which is flash / cuDNN attention on a GPU) other
   is found) and imports;
 - the tensors are on CUDA and fit the kernels: norms take fp32/fp16/bf16 with hidden size up to
   32768; attention takes fp16/bf16, head_dim 64 or 128, equal query and key lengths, no dropout,
-  on a GPU of compute capability 8.0 or newer (its tensor-core instructions);
+  on a GPU of compute capability 8.0 or newer (its tensor-core instructions), with or without
+  segment ids (packed documents: the kernels' segment mode);
 - the mode allows it. ``auto`` (the default): only where megatron_llm/kernels/measured.py holds
   a measurement showing ours faster than torch's path for that op, dtype, shape class and GPU
   architecture; nothing is measured yet, so torch's path runs everywhere. ``ours``: wherever it
@@ -179,6 +180,18 @@ def _attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     )
 
 
+def _segments_fit(q: torch.Tensor, segments: torch.Tensor | None) -> bool:
+    # An extension built before the segment mode has no attention_forward_mode: torch's path
+    # then, never the kernel without the segments.
+    if segments is None:
+        return True
+    return (
+        hasattr(fused.ext, "attention_forward_mode")
+        and segments.shape == (q.shape[0], q.shape[2])
+        and not segments.dtype.is_floating_point
+    )
+
+
 def causal_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -192,10 +205,10 @@ def causal_attention(
     ``segments`` (batch, seq): packed documents; a query sees only earlier keys of its own
     segment (document-causal)."""
     mode = _use_fused(impl, q, k, v, segments)
-    # Our kernel has no segment mode yet: with segments torch's path runs, never the kernel
-    # without them.
-    if mode and segments is None and _attention_fits(q, k, v, dropout_p):
+    if mode and _attention_fits(q, k, v, dropout_p) and _segments_fit(q, segments):
         shape = measured.attention_class(q.shape[-1], q.shape[1], k.shape[1], q.shape[2])
         if _chosen(mode, "attention", q, shape):
+            if segments is not None:
+                return fused.SegmentAttentionFunction.apply(q, k, v, segments)
             return fused.CausalAttentionFunction.apply(q, k, v)
     return reference.causal_attention(q, k, v, dropout_p, segments)

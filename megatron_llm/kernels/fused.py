@@ -3,7 +3,8 @@
 Only megatron_llm.kernels calls these, after checking that the extension is built and that the
 tensors suit it (CUDA, dtype, sizes). The binding contract they rely on is in csrc/bindings.cpp:
 norm weights and biases go in any float dtype and their gradients come back in fp32; attention
-saves (out, lse) with lse the fp32 natural log-sum-exp of each query's scaled scores.
+saves (out, lse) with lse the fp32 natural log-sum-exp of each query's scaled scores; its
+``_mode`` variants take one block of a longer attention (offsets, causal or not, segment ids).
 """
 
 from __future__ import annotations
@@ -82,3 +83,26 @@ class CausalAttentionFunction(torch.autograd.Function):
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         return tuple(ext.attention_backward(_aligned(dout), q, k, v, out, lse))
+
+
+class SegmentAttentionFunction(torch.autograd.Function):
+    """Causal attention inside packed documents: the kernels' AttentionMode with the same
+    segment ids for queries and keys (csrc/kernels.h). Saves as CausalAttentionFunction."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch.Tensor
+    ) -> torch.Tensor:
+        # q: (batch, heads, seq, head_dim); k, v: (batch, kv_heads, seq, head_dim);
+        # segments: (batch, seq), int32 for the kernel
+        q, k, v = _aligned(q), _aligned(k), _aligned(v)
+        ids = segments.to(torch.int32).contiguous()
+        out, lse = ext.attention_forward_mode(q, k, v, 0, 0, True, ids, ids)
+        ctx.save_for_backward(q, k, v, out, lse, ids)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, out, lse, ids = ctx.saved_tensors
+        grads = ext.attention_backward_mode(_aligned(dout), q, k, v, out, lse, 0, 0, True, ids, ids)
+        return (*grads, None)
