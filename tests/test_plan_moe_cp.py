@@ -14,6 +14,7 @@ from megatron_llm.config import load_config
 from megatron_llm.model import GPT, ModelConfig
 from megatron_llm.model.config import MoEConfig
 from megatron_llm.plan import memory, search, steptime
+from tests.distributed import run_on_ranks
 
 SEQ, MICRO, VOCAB = 64, 2, 256
 BASE = ["model.style=gpt2", "model.hidden_size=128", "model.num_heads=4", "model.kernels=torch"]
@@ -122,17 +123,61 @@ def test_only_moe_layers_count_as_moe():
 
 def test_context_parallel_divides_activations_and_adds_the_ring():
     cfg = _model(3, [])
+    unit = SEQ / 4 * 2 * 128 * 4  # a rank's s/cp tokens x micro-batch 2 x h x fp32
     for ckpt in (False, True):
-        one = memory.activation_bytes(
-            cfg, VOCAB, plan.Layout(1, 1, 1, 0, 2, 1, ckpt), "fp32", False
-        )
-        lay = plan.Layout(1, 1, 1, 0, 2, 1, ckpt, cp=4)
-        assert memory.activation_bytes(cfg, VOCAB, lay, "fp32", False) == pytest.approx(one / 4)
+        lay = plan.Layout(1, 1, 1, 0, 2, 1, ckpt)
+        one = memory.activation_bytes(cfg, VOCAB, lay, "fp32", False)
+        lay.cp = 4
+        # a quarter, plus the ring's second copy of its output (1 unit) in each block held
+        # whole: all 3, or under checkpointing the one recomputed
+        ring_out = (1 if ckpt else 3) * unit
+        got = memory.activation_bytes(cfg, VOCAB, lay, "fp32", False)
+        assert got == pytest.approx(one / 4 + ring_out)
     # K and V of the rank's s/cp tokens: 4 blocks at b bytes and 4 of their gradients in fp32
     lay = plan.Layout(2, 1, 1, 0, 2, 1, False, cp=4)
     kv = SEQ / 4 * 2 * 128 / 2  # tokens x heads x head_dim / tp
     assert memory.ring_buffer_bytes(cfg, lay, "bf16") == kv * (4 * 2 + 4 * 4)
     assert memory.ring_buffer_bytes(cfg, plan.Layout(2, 1, 1, 0, 2, 1, False), "bf16") == 0
+
+
+def kept_at_cp(layers: tuple[int, ...]) -> dict[int, int]:
+    """On a cp rank: bytes a real training forward keeps for backward (ring attention, this
+    rank's load-balanced chunks), per number of layers."""
+    from megatron_llm.parallel.build import build_model
+    from megatron_llm.parallel.context import split_batch
+    from megatron_llm.parallel.groups import build_context
+
+    out = {}
+    for n in layers:
+        cfg = load_config(None, [*BASE, f"model.num_layers={n}", "parallel.cp=2", "parallel.dp=1"])
+        torch.manual_seed(0)
+        built = build_model(cfg, build_context(cfg.parallel), VOCAB)
+        model = built.module.train()
+        skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor, saved=saved, skip=skip) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() not in skip:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        gen = torch.Generator().manual_seed(1)
+        tokens = torch.randint(0, VOCAB, (MICRO, SEQ + 1), generator=gen)
+        inputs, labels = split_batch((tokens[:, :-1], tokens[:, 1:]), built.model.context)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(inputs, labels)
+        loss.backward()  # the ring's backward is collective: every rank runs it
+        out[n] = sum(saved.values())
+    return out
+
+
+def test_context_parallel_block_activations_match_a_ring_forward():
+    got = run_on_ranks(2, kept_at_cp, (2, 3))[0]  # the cp ranks hold equal shares
+    lay = plan.Layout(1, 1, 1, 0, MICRO, 1, False, cp=2)
+    planned = memory.activation_bytes(_model(3, []), VOCAB, lay, "fp32", False)
+    planned -= memory.activation_bytes(_model(2, []), VOCAB, lay, "fp32", False)
+    # 17 units of (s/2) m h fp32: half of cp=1's block, plus the ring output's second copy
+    assert planned == pytest.approx(got[3] - got[2], rel=0.02)
 
 
 def test_all_to_all_and_ring_times_by_hand():
@@ -239,4 +284,6 @@ def test_megatron_scaling_rules_for_ep_and_cp():
     assert ep.activations == ref.activations
     cp = plan.estimate(MIXTRAL, 32000, dataclasses.replace(base, dp=4, cp=2), "bf16")
     assert cp.params == ref.params and cp.optimizer == ref.optimizer  # dp x cp = 8 as before
-    assert cp.activations == pytest.approx(ref.activations / 2)
+    # half, but for the ring output's second copy in the one block recomputed (1 unit)
+    unit = MIXTRAL.seq_length / 2 * MIXTRAL.hidden_size * 2
+    assert cp.activations == pytest.approx(ref.activations / 2 + unit)
