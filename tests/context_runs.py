@@ -49,8 +49,8 @@ def ring_against_full(cp: int, dtype: str = "float64") -> dict[str, Any]:
 
 def uneven_loss(cp: int) -> dict[str, Any]:
     """ContextLoss on a micro-batch whose ignored labels fall unevenly on the cp ranks (the
-    first 3/4 of one sample, all of rank 0's chunks of the other): this rank's loss and logits
-    gradient, and the whole micro-batch's, by plain cross-entropy."""
+    first 3/4 of one sample, and every token of rank 0): this rank's loss and logits gradient,
+    and the whole micro-batch's, by plain cross-entropy."""
     import torch.distributed as dist
 
     from megatron_llm.model.gpt import IGNORE, cross_entropy
@@ -64,8 +64,8 @@ def uneven_loss(cp: int) -> dict[str, Any]:
     logits = torch.randn(2, seq, 11, generator=gen, dtype=torch.float64)
     labels = torch.randint(0, 11, (2, seq), generator=gen)
     labels[0, : 3 * seq // 4] = IGNORE
-    labels[1, :c] = IGNORE  # rank 0's chunks of sample 1: 0 and 2cp-1
-    labels[1, seq - c :] = IGNORE
+    labels[:, :c] = IGNORE  # rank 0's chunks, 0 and 2cp-1: it counts no token at all
+    labels[:, seq - c :] = IGNORE
     whole = logits.clone().requires_grad_()
     ref = cross_entropy(whole, labels)
     ref.backward()
