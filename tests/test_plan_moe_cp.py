@@ -273,9 +273,10 @@ def test_mixtral_sizes_and_experts_per_rank():
 
 
 def test_megatron_scaling_rules_for_ep_and_cp():
-    """NVIDIA Megatron-Bridge, "MoE Training Optimization", Phase 1 table: EP divides the MoE
-    weights and their optimizer state, activations ~1; CP divides activations and (with the
-    distributed optimizer, our ZeRO 1) the optimizer state, not the weights."""
+    """NVIDIA Megatron-Bridge, "MoE Training Optimization", Phase 1 table
+    (docs.nvidia.com/nemo/megatron-bridge/0.7.0/training/moe-optimization.html): EP divides
+    the MoE weights and their optimizer state, activations ~1; CP divides activations and
+    (with the distributed optimizer, our ZeRO 1) the optimizer state, not the weights."""
     base = plan.Layout(1, 1, 8, 1, 1, 8, True)
     ref = plan.estimate(MIXTRAL, 32000, base, "bf16")
     ep = plan.estimate(MIXTRAL, 32000, dataclasses.replace(base, ep=8), "bf16")
