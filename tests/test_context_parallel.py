@@ -103,9 +103,10 @@ def test_context_parallel_trains_as_one_process(
         return ("loop", overrides(run_dir, email_shard.prefix, str(bpe_model), *COMMON, *extra))
 
     saved = tmp_path / "cp2-llama/checkpoints/global_step3"
+    save = ["checkpoint.save_interval=3"]  # checkpoints written at these layouts too
     resume = ["model.dropout=0.1", "train.steps=4"]
     world2 = {
-        "cp2-llama": loop("cp2-llama", *LLAMA, *_layout(cp=2), "checkpoint.save_interval=3"),
+        "cp2-llama": loop("cp2-llama", *LLAMA, *_layout(cp=2), *save),
         "cp2-gpt2": loop("cp2-gpt2", *GPT2, *_layout(cp=2)),
         # The ring runs again in backward's recompute, in the same order on every rank.
         "cp2-llama-ckpt": loop(
@@ -129,8 +130,8 @@ def test_context_parallel_trains_as_one_process(
         "cp4-llama": loop("cp4-llama", *LLAMA, *_layout(cp=4)),
         "cp2-tp2-sp-llama": loop("cp2-tp2-sp-llama", *LLAMA, *_layout(cp=2, tp=2, sp=True)),
         # ZeRO 1 partitions the optimizer over DeepSpeed's data-parallel group: dp x cp ranks.
-        "cp2-dp2-gpt2": loop("cp2-dp2-gpt2", *GPT2, *_layout(cp=2, dp=2, zero=1)),
-        "cp2-pp2-gpt2": loop("cp2-pp2-gpt2", *GPT2, *_layout(cp=2, pp=2)),
+        "cp2-dp2-gpt2": loop("cp2-dp2-gpt2", *GPT2, *_layout(cp=2, dp=2, zero=1), *save),
+        "cp2-pp2-gpt2": loop("cp2-pp2-gpt2", *GPT2, *_layout(cp=2, pp=2), *save),
         "docs-cp4-llama": _docs(LLAMA, cp=4),
         "docs-cp2-pp2-gpt2": _docs(GPT2, cp=2, pp=2),
     }
