@@ -235,7 +235,8 @@ def moe_layout(overrides: list[str]) -> dict:
     gen = torch.Generator().manual_seed(0)
     data = torch.randint(0, VOCAB, (2, GLOBAL_BATCH, cfg.model.seq_length + 1), generator=gen)
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
-    out: dict[str, Any] = {"tp_rank": ctx.tp_rank, "losses": [], "norms": [], "stats": {}}
+    out: dict[str, Any] = {"tp_rank": ctx.tp_rank, "tp": ctx.tp, "losses": [], "norms": []}
+    out["stats"] = {}
     out["grads"] = {}
     pipelined = isinstance(engine, PipelineEngine)
 
@@ -275,8 +276,9 @@ def moe_layout(overrides: list[str]) -> dict:
     return out
 
 
-def _expert_grads(model: torch.nn.Module, full_grad: Any) -> dict[str, tuple[int, Any]]:
-    """(global index of row 0, gradient) of each expert weight and router on this rank."""
+def _expert_grads(model: torch.nn.Module, full_grad: Any) -> dict[str, tuple[int, Any, Any]]:
+    """(global index of row 0, tp partition_dim or None, gradient) of each expert weight and
+    router on this rank."""
     grads = {}
     for module_name, module in model.named_modules():
         if hasattr(module, "router") and hasattr(module, "experts"):
@@ -284,7 +286,11 @@ def _expert_grads(model: torch.nn.Module, full_grad: Any) -> dict[str, tuple[int
             for key, p in module.experts.named_parameters():
                 grads[f"{module_name}.experts.{key}"] = (module.experts.expert_offset, p)
     return {
-        name: (offset, full_grad(p).detach().float().numpy().copy())
+        name: (
+            offset,
+            getattr(p, "partition_dim", None),
+            full_grad(p).detach().float().numpy().copy(),
+        )
         for name, (offset, p) in grads.items()
     }
 

@@ -1,13 +1,13 @@
 """Expert parallelism on real gloo ranks matches one process (issue 17).
 
 A tiny MoE (4 experts, top-2, one shared expert, load-balancing and z-loss on, every layer)
-trains 3 steps at ep=2, ep=4, ep=2 x tp=2 (with activation checkpointing), ep=2 x dp=2 (ZeRO 1
-and 2) and ep=2 x pp=2, dropless and with a capacity factor that drops tokens. Routing, aux
-losses and dropping are decided per micro-batch, so the reference is one process with gradient
-accumulation over the same micro-batches (micro-batch i of the reference is data-parallel rank
-i's). Per-step losses and grad norms, each micro-batch's
+trains 3 steps at ep=2, ep=4, ep=2 x tp=2 (experts split over tp too; with activation
+checkpointing), ep=2 x dp=2 (ZeRO 1 and 2) and ep=2 x pp=2, dropless and with a capacity factor
+that drops tokens. Routing, aux losses and dropping are decided per micro-batch, so the
+reference is one process with gradient accumulation over the same micro-batches (micro-batch i
+of the reference is data-parallel rank i's). Per-step losses and grad norms, each micro-batch's
 aux loss, z-loss, tokens per expert and dropped count, and each rank's step-0 gradients of its
-expert rows and routers must equal the reference's (fp32, 1e-5). Each world size is spawned
+expert slices and routers must equal the reference's (fp32, 1e-5). Each world size is spawned
 once and trains all its layouts in turn.
 """
 
@@ -114,11 +114,13 @@ def _check(ranks, ref):
             assert got["dropped"] == want["dropped"], key
             np.testing.assert_array_equal(got["tokens"], want["tokens"], err_msg=str(key))
     assert seen == ref["stats"].keys()
-    # Each rank's step-0 gradient of its experts (rows offset..) and of the router.
+    # Each rank's step-0 gradient of its experts (rows offset.., its tp slice) and router.
     for run in ranks:
-        for name, (offset, grad) in run["grads"].items():
-            whole = torch.from_numpy(ref["grads"][name][1])
+        for name, (offset, dim, grad) in run["grads"].items():
+            whole = torch.from_numpy(ref["grads"][name][2])
             expected = whole[offset : offset + grad.shape[0]]
+            if dim is not None:
+                expected = expected.chunk(run["tp"], dim)[run["tp_rank"]]
             torch.testing.assert_close(
                 torch.from_numpy(grad), expected, rtol=1e-5, atol=1e-8, msg=name
             )
@@ -137,15 +139,23 @@ def test_four_ranks_match_single_process(name, four_ranks, reference):
         assert all(run["grads"] for run in ranks)
 
 
-def test_expert_rows_are_really_split(two_ranks, four_ranks):
+def test_experts_are_really_split(two_ranks, four_ranks):
     # ep=2: each rank holds 2 of the 4 experts, at offsets 0 and 2; ep=4: one each.
-    offsets = {run["grads"]["blocks.0.mlp.experts.w_in"][0] for run in two_ranks["ep2"]}
+    key = "blocks.0.mlp.experts.w_in"
+    offsets = {run["grads"][key][0] for run in two_ranks["ep2"]}
     assert offsets == {0, 2}
-    assert {run["grads"]["blocks.0.mlp.experts.w_in"][1].shape[0] for run in two_ranks["ep2"]} == {
-        2
-    }
-    offsets = [run["grads"]["blocks.0.mlp.experts.w_in"][0] for run in four_ranks["ep4 gpt2"]]
+    assert {run["grads"][key][2].shape[0] for run in two_ranks["ep2"]} == {2}
+    offsets = [run["grads"][key][0] for run in four_ranks["ep4 gpt2"]]
     assert offsets == [0, 1, 2, 3]
+    # ep2 x tp2: each rank holds 2 experts x half of each expert's ffn columns (w_in) and
+    # rows (w_out): a quarter of the experts' weights.
+    ranks = four_ranks["ep2 tp2 recompute"]
+    assert [run["grads"][key][:2] for run in ranks] == [(0, 2), (0, 2), (2, 2), (2, 2)]
+    assert {run["grads"][key][2].shape for run in ranks} == {(2, 32, 64)}
+    out = "blocks.0.mlp.experts.w_out"
+    assert {(run["grads"][out][1], run["grads"][out][2].shape) for run in ranks} == {
+        (1, (2, 64, 32))
+    }
 
 
 def test_capacity_drops_tokens_and_reference_learns(reference):

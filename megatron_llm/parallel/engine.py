@@ -171,12 +171,14 @@ def check_expert_parallel(cfg: RunConfig, ctx: ParallelContext) -> None:
 def build_engine(model: nn.Module, cfg: RunConfig, ctx: ParallelContext) -> DeepSpeedEngine:
     import deepspeed
 
+    from megatron_llm.model.moe import set_aux_grad_scale
     from megatron_llm.training.schedule import build_scheduler
 
     o = cfg.optim
     check_expert_parallel(cfg, ctx)
     num_experts = mark_expert_params(model, ctx) if ctx.ep > 1 else []
-    set_aux_grad_scale(model, cfg.train.grad_accum_steps)
+    # DeepSpeed divides the loss by the accumulation steps (pipelines too); the aux losses too.
+    set_aux_grad_scale(model, 1.0 / cfg.train.grad_accum_steps)
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("train.precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
     optimizer = torch.optim.AdamW(
@@ -201,16 +203,6 @@ def build_engine(model: nn.Module, cfg: RunConfig, ctx: ParallelContext) -> Deep
             mpu=None if pipelined else ctx,  # a PipelineModule brings its own grid of groups
         )
     return engine
-
-
-def set_aux_grad_scale(model: nn.Module, accum: int) -> None:
-    """MoE aux losses start their backward with the main loss's own scale: DeepSpeed divides
-    the loss by the gradient-accumulation steps (pipelines too), so the aux losses are too."""
-    from megatron_llm.model.moe import MoE
-
-    for module in model.modules():
-        if isinstance(module, MoE):
-            module.aux_grad_scale = 1.0 / accum
 
 
 def engine_device(engine: DeepSpeedEngine) -> torch.device:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_llm.model.gpt import IGNORE, Embedding, Norm
+from megatron_llm.model.moe import GroupedExperts
 from megatron_llm.parallel.collectives import (
     column_linear,
     copy_to_tp,
@@ -160,6 +161,29 @@ class RowParallelLinear(nn.Module):
         y = self.tp.leave(F.linear(x, self.weight))  # (batch, seq or seq / tp, out)
         bias = _replicated_on_shards(self.bias, self.tp)
         return y if bias is None else y + bias
+
+
+class TensorParallelExperts(GroupedExperts):
+    """An MoE layer's stacked experts with each expert's MLP split over tp like the dense MLP:
+    w_in and w_gate by ffn columns (dim 2), w_out by ffn rows (dim 1), on top of the ep split of
+    dim 0. Every tp rank routes the same replicated tokens the same way, so each computes its
+    slice of every expert on the same tokens: they enter with an identity forward and an
+    all-reduce backward, and the partial outputs are summed over tp (all-reduce forward)."""
+
+    def __init__(self, experts: GroupedExperts, tp: TensorParallel) -> None:
+        nn.Module.__init__(self)
+        self.tp = tp
+        self.expert_offset = experts.expert_offset
+        self.w_in = _shard(experts.w_in, tp, 2)
+        self.w_gate = None if experts.w_gate is None else _shard(experts.w_gate, tp, 2)
+        self.w_out = _shard(experts.w_out, tp, 1)
+        for key, p in self._parameters.items():
+            if p is not None:  # expert_parallel (and the ep markers) travel with the shard
+                p.__dict__.update({**getattr(experts, key).__dict__, **p.__dict__})
+
+    def forward(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        tokens = copy_to_tp(tokens, self.tp.group)
+        return reduce_from_tp(super().forward(tokens, counts), self.tp.group)  # (n, hidden)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -10,7 +10,8 @@
     norms, residual dropout                on sequence shards when sequence_parallel
     MoE routed experts (parallel.ep)       E/ep experts per rank (rows of the stacked weights),
                                            tokens moved by parallel/experts.py's all-to-all;
-                                           whole on every tp rank; router replicated
+                                           each expert's MLP split over tp like a dense MLP
+                                           (TensorParallelExperts); router replicated
     MoE shared experts                     split over tp like a dense MLP
 
 Training builds the model with its parameters on the meta device, shards it there, and
@@ -37,6 +38,7 @@ from megatron_llm.parallel.layers import (
     ScatterSequence,
     SequenceParallelNorm,
     TensorParallel,
+    TensorParallelExperts,
     VocabParallelEmbedding,
     VocabParallelLoss,
     enter_once,
@@ -84,11 +86,13 @@ def shard_model(model: GPT, ctx: ParallelContext, *, sequence_parallel: bool, se
         )
         attn.out = RowParallelLinear(attn.out, tp)
         attn.dropout_rng = rng.fork
-        # An MoE layer's router and routed experts stay whole on every tp rank (each routes
-        # the same replicated tokens the same way); its shared experts split like an MLP.
+        # An MoE layer's router stays whole on every tp rank (each routes the same replicated
+        # tokens the same way); its experts and shared experts split like an MLP.
         mlp = block.mlp.shared if isinstance(block.mlp, MoE) else block.mlp
         if mlp is not None:
             _shard_mlp(mlp, tp)
+        if isinstance(block.mlp, MoE):
+            block.mlp.experts = _shard_experts_over_tp(block.mlp.experts, tp)
         if sequence_parallel:
             block.attn_norm = SequenceParallelNorm(block.attn_norm, tp)
             block.mlp_norm = SequenceParallelNorm(block.mlp_norm, tp)
@@ -112,6 +116,16 @@ def _shard_mlp(mlp: nn.Module, tp: TensorParallel) -> None:
     if mlp.fc_gate is not None:
         mlp.fc_gate = ColumnParallelLinear(mlp.fc_gate, tp, entered=True)
     mlp.fc_out = RowParallelLinear(mlp.fc_out, tp)
+
+
+def _shard_experts_over_tp(experts: nn.Module, tp: TensorParallel) -> TensorParallelExperts:
+    width = experts.w_in.shape[2]
+    if width % tp.size:
+        raise ValueError(
+            f"MoE experts of width {width} do not split over parallel.tp={tp.size}; choose "
+            "model.moe.expert_ffn_hidden_size divisible by tp"
+        )
+    return TensorParallelExperts(experts, tp)
 
 
 def shard_experts(layer: MoE, ctx: ParallelContext) -> None:
