@@ -14,6 +14,8 @@ was trained with (compared by sha256), since a loss over other ids means nothing
 Before the first window every shard is checked (structure, its manifest's sha256 and
 tokenizer, token ids inside the vocabulary; see megatron_llm/data/shard_checks.py);
 --no-verify-data skips that.
+A checkpoint trained on packed documents (data.reset_attention_mask, data.reset_position_ids)
+is evaluated with the same rules, the EOD id from --tokenizer or its data.tokenizer.
 Exit status: 0 ok, 2 bad arguments, an unusable checkpoint or shards.
 """
 
@@ -23,12 +25,14 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from megatron_llm.checkpoint.io import NO_VERIFY_FLAG, NO_VERIFY_HELP, CheckpointError
 from megatron_llm.config import ConfigError
+from megatron_llm.data.batch import DocumentMasking, document_masking
 from megatron_llm.data.indexed import ShardError
 from megatron_llm.data.tokenizer import Tokenizer, TokenizerError
 from megatron_llm.eval.loading import load_model
@@ -92,6 +96,22 @@ def verify_data(args: argparse.Namespace, loaded: Any) -> None:
     check_shards(args.data_prefix, vocab, saved, name)
 
 
+def document_rules(args: argparse.Namespace, loaded: Any) -> DocumentMasking | None:
+    """The packed-document rules the checkpoint was trained with (data.reset_attention_mask,
+    data.reset_position_ids), evaluated the same way; the EOD id comes from the tokenizer."""
+    data = loaded.cfg.data
+    if not (data.reset_attention_mask or data.reset_position_ids):
+        return None
+    path = args.tokenizer or data.tokenizer
+    if not path or not Path(path).exists():
+        raise ValueError(
+            f"{loaded.path} was trained with data.reset_attention_mask/reset_position_ids, which "
+            f"need the tokenizer's EOD id, and its data.tokenizer {data.tokenizer!r} is not "
+            "here; pass --tokenizer"
+        )
+    return document_masking(data, Tokenizer(path).eod)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -106,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         if not args.no_verify_data:
             verify_data(args, loaded)
+        masking = document_rules(args, loaded)
         start = time.perf_counter()
         loss, tokens = model_loss(
             loaded.model,
@@ -113,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             max_samples=args.max_samples,
             progress=not args.json,
+            masking=masking,
         )
         seconds = time.perf_counter() - start
     except (CheckpointError, ConfigError, ShardError, TokenizerError, ValueError, OSError) as e:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from megatron_llm.data.batch import DocumentMasking, model_inputs
 from megatron_llm.data.indexed import IndexedShard
 from megatron_llm.data.shard_checks import check_shard
 
@@ -54,8 +55,10 @@ def model_loss(
     batch_size: int,
     max_samples: int | None = None,
     progress: bool = False,
+    masking: DocumentMasking | None = None,
 ) -> tuple[float, int]:
-    """Mean token loss of a single-process model over the windows, and the tokens predicted."""
+    """Mean token loss of a single-process model over the windows, and the tokens predicted;
+    ``masking``: the document rules the model was trained with (data/batch.py)."""
     device = next(model.parameters()).device
     vocab = model.embed.weight.shape[0]
     chosen = itertools.islice(windows, max_samples)
@@ -70,7 +73,8 @@ def model_loss(
                     f"token id {int(window.max())} is outside the model's {vocab} embedding "
                     "rows: were these shards made with another tokenizer?"
                 )
-            loss = model(window[:, :-1], window[:, 1:]).float()  # mean over the batch's tokens
+            inputs, labels, ids = model_inputs(window, masking)
+            loss = model(inputs, labels, **ids).float()  # mean over the batch's tokens
             n = window[:, 1:].numel()
             total += float(loss) * n
             tokens += n
