@@ -2,13 +2,13 @@
 
 A tiny MoE (4 experts, top-2, one shared expert, load-balancing and z-loss on, every layer)
 trains 3 steps at ep=2, ep=4, ep=2 x tp=2 (experts split over tp too; with activation
-checkpointing), ep=2 x dp=2 (ZeRO 1 and 2) and ep=2 x pp=2, dropless and with a capacity factor
-that drops tokens. Routing, aux losses and dropping are decided per micro-batch, so the
-reference is one process with gradient accumulation over the same micro-batches (micro-batch i
-of the reference is data-parallel rank i's). Per-step losses and grad norms, each micro-batch's
-aux loss, z-loss, tokens per expert and dropped count, and each rank's step-0 gradients of its
-expert slices and routers must equal the reference's (fp32, 1e-5). Each world size is spawned
-once and trains all its layouts in turn.
+checkpointing; with sequence parallelism), ep=2 x dp=2 (ZeRO 1 and 2) and ep=2 x pp=2, dropless
+and with a capacity factor that drops tokens. Routing, aux losses and dropping are decided per
+micro-batch, so the reference is one process with gradient accumulation over the same
+micro-batches (micro-batch i of the reference is data-parallel rank i's). Per-step losses and
+grad norms, each micro-batch's aux loss, z-loss, tokens per expert and dropped count, and each
+rank's step-0 gradients of its expert slices and routers must equal the reference's (fp32,
+1e-5). Each world size is spawned once and trains all its layouts in turn.
 """
 
 import numpy as np
@@ -61,7 +61,11 @@ FOUR_RANKS = {
         _moe(tp=2, dp=2, zero=1, parallel__ep=2, train__activation_checkpointing=1),
         "accum2",
     ),
-    "ep2 tp2 cap": (_moe(tp=2, dp=2, zero=2, parallel__ep=2, capacity=True), "accum2 cap"),
+    # Sequence parallelism: the MoE layer gathers the sequence and keeps its output chunk.
+    "ep2 tp2 sp cap": (
+        _moe(tp=2, dp=2, zero=2, sp=True, parallel__ep=2, capacity=True),
+        "accum2 cap",
+    ),
     "ep2 dp2 zero1": (_moe(dp=4, zero=1, parallel__ep=2), "accum4"),
     "ep2 dp2 zero2": (_moe(dp=4, zero=2, parallel__ep=2), "accum4"),
     "ep2 dp2 zero2 cap": (_moe(dp=4, zero=2, parallel__ep=2, capacity=True), "accum4 cap"),
@@ -214,13 +218,10 @@ def test_expert_parallelism_refuses_zero_0_and_3():
     check_expert_parallel(cfg, _context(tp=1, pp=1, dp=2, ep=2))
 
 
-def test_expert_parallelism_refuses_a_dense_model_and_moe_under_sequence_parallelism():
+def test_expert_parallelism_refuses_a_dense_model():
     dense = GPT(load_config(None, TINY_MODEL).model, VOCAB)
     with pytest.raises(ValueError, match="needs MoE layers"):
         shard_model(dense, _context(tp=1, pp=1, dp=2, ep=2), sequence_parallel=False, seed=0)
-    moe = GPT(load_config(None, [*TINY_MODEL, *MOE_MODEL]).model, VOCAB)
-    with pytest.raises(ValueError, match="sequence_parallel=false"):
-        shard_model(moe, _context(tp=2, pp=1, dp=2), sequence_parallel=True, seed=0)
 
 
 def test_slice_rule_places_expert_rows_by_global_index():

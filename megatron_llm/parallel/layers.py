@@ -27,6 +27,7 @@ from torch import nn
 from megatron_llm.model.gpt import IGNORE, Embedding, Norm
 from megatron_llm.model.moe import GroupedExperts
 from megatron_llm.parallel.collectives import (
+    SEQ_DIM,
     column_linear,
     copy_to_tp,
     gather_from_sp,
@@ -184,6 +185,37 @@ class TensorParallelExperts(GroupedExperts):
     def forward(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         tokens = copy_to_tp(tokens, self.tp.group)
         return reduce_from_tp(super().forward(tokens, counts), self.tp.group)  # (n, hidden)
+
+
+class GatherSequenceForReplicated(torch.autograd.Function):
+    """All-gather the sequence forward, keep my chunk of the gradient backward: the input of a
+    computation every tp rank repeats on the whole sequence (an MoE layer under sequence
+    parallelism), whose gradient each rank then holds whole and identical, so nothing is summed
+    (Megatron's gather with tensor_parallel_output_grad=False)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:  # type: ignore[override]
+        ctx.tp = tp
+        return _gather(x, tp.group, tp.size, SEQ_DIM)  # (batch, seq, hidden)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return tp_shard(grad, SEQ_DIM, ctx.tp.rank, ctx.tp.size).contiguous(), None
+
+
+def on_whole_sequence(module: nn.Module, tp: TensorParallel) -> None:
+    """Run ``module`` on the whole sequence under sequence parallelism: its input gathered
+    (GatherSequenceForReplicated), its output cut back to this rank's chunk (``scatter_to_sp``:
+    my chunk forward, all-gather backward)."""
+
+    def gather(_: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return (GatherSequenceForReplicated.apply(args[0], tp), *args[1:])
+
+    def scatter(_: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+        return scatter_to_sp(out, tp.group)  # (batch, seq / tp, hidden)
+
+    module.register_forward_pre_hook(gather)
+    module.register_forward_hook(scatter)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -11,7 +11,9 @@
     MoE routed experts (parallel.ep)       E/ep experts per rank (rows of the stacked weights),
                                            tokens moved by parallel/experts.py's all-to-all;
                                            each expert's MLP split over tp like a dense MLP
-                                           (TensorParallelExperts); router replicated
+                                           (TensorParallelExperts); router replicated; under
+                                           sequence parallelism the MoE layer runs on the
+                                           gathered sequence and keeps its chunk
     MoE shared experts                     split over tp like a dense MLP
 
 Training builds the model with its parameters on the meta device, shards it there, and
@@ -22,6 +24,7 @@ and no rank holds more than its shard plus one whole parameter (parallel/build.p
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 import torch
@@ -43,6 +46,7 @@ from megatron_llm.parallel.layers import (
     VocabParallelLoss,
     enter_once,
     local_part,
+    on_whole_sequence,
 )
 from megatron_llm.parallel.random import TensorParallelRNG
 
@@ -50,11 +54,6 @@ from megatron_llm.parallel.random import TensorParallelRNG
 def shard_model(model: GPT, ctx: ParallelContext, *, sequence_parallel: bool, seed: int) -> GPT:
     """Shard ``model`` in place for this rank's ep and tp groups (no-op at ep=tp=1); returns it."""
     moe = [m for m in model.modules() if isinstance(m, MoE)]
-    if moe and sequence_parallel and ctx.tp > 1:
-        raise ValueError(
-            "model.moe with parallel.sequence_parallel=true is not supported: the MoE layer "
-            "routes whole sequences on every tp rank; set parallel.sequence_parallel=false"
-        )
     if ctx.ep > 1:
         if not moe:
             raise ValueError(
@@ -86,13 +85,10 @@ def shard_model(model: GPT, ctx: ParallelContext, *, sequence_parallel: bool, se
         )
         attn.out = RowParallelLinear(attn.out, tp)
         attn.dropout_rng = rng.fork
-        # An MoE layer's router stays whole on every tp rank (each routes the same replicated
-        # tokens the same way); its experts and shared experts split like an MLP.
-        mlp = block.mlp.shared if isinstance(block.mlp, MoE) else block.mlp
-        if mlp is not None:
-            _shard_mlp(mlp, tp)
         if isinstance(block.mlp, MoE):
-            block.mlp.experts = _shard_experts_over_tp(block.mlp.experts, tp)
+            _shard_moe(block.mlp, tp)
+        else:
+            _shard_mlp(block.mlp, tp)
         if sequence_parallel:
             block.attn_norm = SequenceParallelNorm(block.attn_norm, tp)
             block.mlp_norm = SequenceParallelNorm(block.mlp_norm, tp)
@@ -102,6 +98,18 @@ def shard_model(model: GPT, ctx: ParallelContext, *, sequence_parallel: bool, se
         model.dropout = ForkedDropout(model.dropout.p, rng.fork)
         model.final_norm = SequenceParallelNorm(model.final_norm, tp)
     return model
+
+
+def _shard_moe(layer: MoE, tp: TensorParallel) -> None:
+    """An MoE layer's router stays whole on every tp rank and every rank routes the same whole
+    sequence the same way (under sequence parallelism the layer gathers it and keeps its chunk
+    of the output); its experts and shared experts split like an MLP on those tokens."""
+    whole = dataclasses.replace(tp, sequence_parallel=False)  # inside: replicated tokens
+    if tp.sequence_parallel:
+        on_whole_sequence(layer, tp)
+    if layer.shared is not None:
+        _shard_mlp(layer.shared, whole)
+    layer.experts = _shard_experts_over_tp(layer.experts, whole)
 
 
 def _shard_mlp(mlp: nn.Module, tp: TensorParallel) -> None:
