@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 
-def ring_against_full(cp: int, dtype: str = "float64") -> dict[str, Any]:
+def ring_against_full(cp: int, dtype: str = "float64", mode: str = "ring") -> dict[str, Any]:
     """Ring attention over rings of ``cp`` ranks vs one whole causal attention (SDPA, fp64) of
     the same inputs: the largest error of this rank's chunks of the output and of the q, k, v
     gradients, and the same for the output of one block_attention over the whole sequence in
@@ -20,7 +20,7 @@ def ring_against_full(cp: int, dtype: str = "float64") -> dict[str, Any]:
     from megatron_llm.parallel.groups import build_context
 
     ctx = build_context(ParallelConfig(cp=cp))
-    ring = context_of(ctx)
+    ring = context_of(ctx, mode)
     gen = torch.Generator().manual_seed(0)
     b, h, hkv, seq, d = 2, 4, 2, 32, 8  # grouped-query heads
 
@@ -91,6 +91,8 @@ def ring_cases() -> dict[str, Any]:
     out["cp2"] = ring_against_full(cp=2)
     dist.barrier()
     out["cp2-bf16"] = ring_against_full(cp=2, dtype="bfloat16")
+    dist.barrier()
+    out["cp2-all_to_all"] = ring_against_full(cp=2, mode="all_to_all")
     return out
 
 

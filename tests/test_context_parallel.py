@@ -49,7 +49,7 @@ def test_ring_attention_matches_one_attention() -> None:
     beyond one whole block_attention's own bf16 rounding."""
     per_rank = run_on_ranks(4, ring_cases)
     for rank, cases in enumerate(per_rank):
-        for name in ("cp4", "cp2"):
+        for name in ("cp4", "cp2", "cp2-all_to_all"):
             case = cases[name]
             assert case["out"] < 1e-5 and max(case["grads"]) < 1e-5, (rank, name, case)
         loss = cases["loss"]  # ignored labels spread unevenly over the ranks
@@ -67,6 +67,7 @@ STEPS = 6
 LLAMA = ["model.style=llama", "model.num_kv_heads=2"]  # RoPE, GQA, untied head
 GPT2 = ["model.style=gpt2"]  # learned positions, tied head
 DOCS = ["data.reset_attention_mask=true", "data.reset_position_ids=true"]
+A2A = ["parallel.cp_attention=all_to_all"]
 COMMON = [
     f"train.steps={STEPS}",
     "eval.at_end=true",
@@ -116,6 +117,9 @@ def test_context_parallel_trains_as_one_process(
         "stopped": loop("resumed", *LLAMA, *_layout(cp=2), *resume, "train.exit_interval=2"),
         "resumed": loop("resumed", *LLAMA, *_layout(cp=2), *resume),
         "docs-cp2-llama": _docs(LLAMA, cp=2),
+        # DeepSpeed-Ulysses: heads all-to-all instead of the ring (document ids all-gathered).
+        "cp2-a2a-llama": loop("cp2-a2a-llama", *LLAMA, *_layout(cp=2), *A2A),
+        "docs-cp2-a2a-llama": ("packed", [*_docs(LLAMA, cp=2)[1], *A2A]),
     }
     world1 = {
         "llama": loop("llama", *LLAMA, *_layout()),
@@ -153,6 +157,7 @@ def test_context_parallel_trains_as_one_process(
         "cp2-llama": "llama",
         "cp2-gpt2": "gpt2",
         "cp2-llama-ckpt": "llama",
+        "cp2-a2a-llama": "llama",
         "cp4-llama": "llama",
         "cp2-tp2-sp-llama": "llama",
         "cp2-dp2-gpt2": "gpt2",
@@ -167,6 +172,7 @@ def test_context_parallel_trains_as_one_process(
     # With packed documents (masking and positions per document) too; the masking matters.
     for name, ref in {
         "docs-cp2-llama": "docs-llama",
+        "docs-cp2-a2a-llama": "docs-llama",
         "docs-cp4-llama": "docs-llama",
         "docs-cp2-pp2-gpt2": "docs-gpt2",
     }.items():
@@ -224,3 +230,7 @@ def test_refusals() -> None:
     ]
     with pytest.raises(ValueError, match="a multiple of 8"):
         check_context(load_config(None, sp), ctx(2, tp=2))
+    heads = ["model.num_heads=4", "model.num_kv_heads=2", "parallel.cp=2", *A2A]
+    check_context(load_config(None, heads), ctx(2))  # 2 and 1 heads per cp rank
+    with pytest.raises(ValueError, match="2 query and 1 key/value heads must divide by cp"):
+        check_context(load_config(None, [*heads, "parallel.tp=2"]), ctx(2, tp=2))

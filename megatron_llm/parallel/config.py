@@ -10,6 +10,9 @@ from typing import Literal
 class ParallelConfig:
     tp: int = 1  # tensor-parallel size (ranks that split each layer)
     cp: int = 1  # context-parallel size (ranks that split each sequence, attention included)
+    # cp attention: "ring" (K/V blocks around the ring) or "all_to_all" (DeepSpeed-Ulysses: heads
+    # exchanged for the whole sequence; the heads per tp rank must divide by cp)
+    cp_attention: Literal["ring", "all_to_all"] = "ring"
     pp: int = 1  # pipeline-parallel size (stages)
     ep: int = 1  # expert-parallel size: ranks of the data-parallel group that split the experts
     pipeline_partition: str = "parameters"  # blocks to stages: "parameters" (balanced) or "uniform"
@@ -26,6 +29,10 @@ class ParallelConfig:
         for name in ("tp", "cp", "pp", "ep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name}={getattr(self, name)}: must be >= 1")
+        if self.cp_attention not in ("ring", "all_to_all"):
+            raise ValueError(
+                f"parallel.cp_attention={self.cp_attention!r}: must be 'ring' or 'all_to_all'"
+            )
         if self.pipeline_partition not in ("parameters", "uniform"):
             raise ValueError(
                 f"parallel.pipeline_partition={self.pipeline_partition!r}: expected "

@@ -50,6 +50,7 @@ class ContextParallel:
     next_rank: int  # global rank of cp rank + 1: where key/value blocks go
     prev_rank: int  # global rank of cp rank - 1: where they come from
     device: torch.device
+    mode: str = "ring"  # parallel.cp_attention: "ring" or "all_to_all" (Ulysses)
 
     def chunks(self, rank: int | None = None) -> tuple[int, int]:
         """The global chunk indices a cp rank holds (of 2 * cp): r and 2cp-1-r."""
@@ -90,6 +91,8 @@ class ContextParallel:
         """Causal attention of this rank's queries (b, h, 2c, d) over the whole sequence's keys
         (b, hkv, 2c, d on each rank): (b, h, 2c, d). ``segments`` (b, 2c): this rank's tokens'
         document ids (data/batch.py), which travel the ring with the keys."""
+        if self.mode == "all_to_all":
+            return ulysses_attention(q, k, v, segments, self)
         return RingAttention.apply(q, k, v, segments, self)
 
 
@@ -111,10 +114,10 @@ def _exchange(
 ) -> Callable[[], list[torch.Tensor]]:
     """Send ``tensors`` to the next cp rank and receive as many from the previous one, in the
     background; returns the wait that hands over the received tensors."""
+    tensors = [t.contiguous() for t in tensors]  # empty_like keeps a view's strides
     received = [torch.empty_like(t) for t in tensors]
     ops = [
-        dist.P2POp(dist.isend, t.contiguous(), cp.next_rank, cp.group, tag + n)
-        for n, t in enumerate(tensors)
+        dist.P2POp(dist.isend, t, cp.next_rank, cp.group, tag + n) for n, t in enumerate(tensors)
     ] + [dist.P2POp(dist.irecv, t, cp.prev_rank, cp.group, tag + n) for n, t in enumerate(received)]
     works = dist.batch_isend_irecv(ops)
 
@@ -237,6 +240,78 @@ class RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
 
 
+class _AllToAll(torch.autograd.Function):
+    """Equal all-to-all over the cp group along dim 0 (one slice per rank); its own inverse,
+    so backward is the same exchange of the gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        x = x.contiguous()  # first: empty_like keeps a view's strides, the exchange assumes rows
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous()
+        out = torch.empty_like(grad)
+        dist.all_to_all_single(out, grad, group=ctx.group)
+        return out, None
+
+
+def _gathered_order(cp: ContextParallel) -> list[int]:
+    """The global chunk index at each chunk position of a sequence gathered rank by rank."""
+    return [chunk for r in range(cp.size) for chunk in cp.chunks(r)]
+
+
+def _heads_to_sequence(x: torch.Tensor, cp: ContextParallel) -> torch.Tensor:
+    """(b, heads, 2c, d) this rank's tokens -> (b, heads / cp, 2cp * c, d): this rank's group of
+    heads for the whole sequence, in natural order."""
+    b, h, local, d = x.shape
+    parts = x.reshape(b, cp.size, h // cp.size, local, d).transpose(0, 1)  # (cp, b, h/cp, 2c, d)
+    got = _AllToAll.apply(parts, cp.group)  # [r]: rank r's tokens of my heads
+    chunks = got.permute(1, 2, 0, 3, 4).reshape(b, h // cp.size, 2 * cp.size, local // 2, d)
+    where = {chunk: i for i, chunk in enumerate(_gathered_order(cp))}
+    natural = [chunks[:, :, where[k]] for k in range(2 * cp.size)]
+    return torch.cat(natural, dim=2)  # (b, h/cp, seq, d)
+
+
+def _sequence_to_heads(y: torch.Tensor, cp: ContextParallel) -> torch.Tensor:
+    """The inverse of _heads_to_sequence: (b, heads / cp, seq, d) -> (b, heads, 2c, d)."""
+    b, hg, seq, d = y.shape
+    chunks = y.reshape(b, hg, 2 * cp.size, seq // (2 * cp.size), d)
+    order = [chunks[:, :, k] for k in _gathered_order(cp)]  # rank by rank, its two chunks
+    parts = torch.stack(order, dim=2).reshape(b, hg, cp.size, -1, d).transpose(1, 2)
+    got = _AllToAll.apply(parts.transpose(0, 1), cp.group)  # [g]: my tokens of head group g
+    return got.transpose(0, 1).reshape(b, cp.size * hg, -1, d)  # (b, heads, 2c, d)
+
+
+def ulysses_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segments: torch.Tensor | None,
+    cp: ContextParallel,
+) -> torch.Tensor:
+    """DeepSpeed-Ulysses: an all-to-all trades this rank's tokens of every head for every
+    token of 1/cp of the heads, one whole causal attention runs on those, and the inverse
+    all-to-all brings the output back. Query and key/value heads split alike, so grouped-query
+    heads keep their pairing (check_context refuses heads that do not divide by cp)."""
+    from megatron_llm import kernels
+
+    whole = None
+    if segments is not None:  # every rank's document ids, in natural order
+        parts = [torch.empty_like(segments) for _ in range(cp.size)]
+        dist.all_gather(parts, segments.contiguous(), group=cp.group)
+        chunks = torch.stack(parts, dim=1).reshape(segments.shape[0], 2 * cp.size, -1)
+        where = {chunk: i for i, chunk in enumerate(_gathered_order(cp))}
+        whole = torch.cat([chunks[:, where[c]] for c in range(2 * cp.size)], dim=1)
+    q, k, v = (_heads_to_sequence(t, cp) for t in (q, k, v))
+    y = kernels.causal_attention(q, k, v, 0.0, segments=whole)  # (b, h/cp, seq, d)
+    return _sequence_to_heads(y, cp)
+
+
 class ContextLoss:
     """The model's loss on this rank's tokens, scaled so that its mean over the cp ranks is the
     mean over every counted token of the micro-batch: mean * count * cp / total count."""
@@ -277,7 +352,7 @@ def split_batches(batches: Iterator[Any], cp: ContextParallel | None) -> Iterato
         yield split_batch(batch, cp)
 
 
-def context_of(ctx: ParallelContext) -> ContextParallel | None:
+def context_of(ctx: ParallelContext, mode: str = "ring") -> ContextParallel | None:
     """This rank's ring, or None at cp=1."""
     if ctx.cp == 1:
         return None
@@ -289,6 +364,7 @@ def context_of(ctx: ParallelContext) -> ContextParallel | None:
         next_rank=ring[(ctx.cp_rank + 1) % ctx.cp],
         prev_rank=ring[(ctx.cp_rank - 1) % ctx.cp],
         device=ctx.device,
+        mode=mode,
     )
 
 
@@ -299,6 +375,13 @@ def check_context(cfg: RunConfig, ctx: ParallelContext) -> None:
         raise ValueError(
             f"model.attention_dropout={m.attention_dropout} with parallel.cp={cp}: ring "
             "attention has no attention dropout; set model.attention_dropout=0"
+        )
+    heads, kv_heads = m.num_heads // ctx.tp, m.num_kv_heads // ctx.tp
+    if cfg.parallel.cp_attention == "all_to_all" and (heads % cp or kv_heads % cp):
+        raise ValueError(
+            f"parallel.cp_attention=all_to_all with parallel.cp={cp}: each tp rank's "
+            f"{heads} query and {kv_heads} key/value heads must divide by cp; use "
+            "parallel.cp_attention=ring"
         )
     tokens = 2 * cp * (ctx.tp if cfg.parallel.sequence_parallel else 1)
     if m.seq_length % tokens:
@@ -312,7 +395,7 @@ def check_context(cfg: RunConfig, ctx: ParallelContext) -> None:
 def install_context(model: GPT, cfg: RunConfig, ctx: ParallelContext) -> GPT:
     """Give the model (sharded, before the pipeline is built from it) this rank's ring: every
     attention layer, the positions and the loss. No-op at cp=1."""
-    cp = context_of(ctx)
+    cp = context_of(ctx, cfg.parallel.cp_attention)
     if cp is None:
         return model
     check_context(cfg, ctx)
