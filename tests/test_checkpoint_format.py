@@ -137,6 +137,10 @@ def test_flat_fragments_of_tp_boxes_read_back_by_any_box() -> None:
     for offsets, sizes in [((0, 0), (6, 10)), ((1, 3), (4, 4)), ((5, 9), (1, 1)), ((2, 0), (3, 7))]:
         want = whole[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))]
         assert torch.equal(stored.box(offsets, sizes), want), (offsets, sizes)
+    assert torch.equal(stored[1:5, 3:7], whole[1:5, 3:7])  # as local_part indexes it
+    assert torch.equal(stored[2:4], whole[2:4])
+    with pytest.raises(TypeError, match="boxes only"):
+        stored[::2]
     with pytest.raises(io.CheckpointError, match="cover 55 of the 60"):
         shards.Stored("w", (6, 10), pieces[1:], lambda file, name: files[file]).whole()
 

@@ -227,6 +227,18 @@ class Stored:
     def whole(self) -> torch.Tensor:
         return self.box((0,) * len(self.shape), tuple(self.shape))
 
+    def __getitem__(self, index: tuple[slice, ...] | slice) -> torch.Tensor:
+        """``stored[a:b, c:d]``: that box, read alone. Only unit-step slices, as the slice rule
+        (``layers.part_index``) makes, so ``local_part(stored, p, ctx)`` reads just the part."""
+        index = index if isinstance(index, tuple) else (index,)
+        index = index + (slice(None),) * (len(self.shape) - len(index))
+        if len(index) != len(self.shape) or not all(
+            isinstance(i, slice) and i.step in (None, 1) for i in index
+        ):
+            raise TypeError(f"{self.name}: a stored tensor reads boxes only, not {index}")
+        ranges = [i.indices(n)[:2] for i, n in zip(index, self.shape)]
+        return self.box(tuple(a for a, _ in ranges), tuple(max(b - a, 0) for a, b in ranges))
+
     def _meeting(
         self, offsets: tuple[int, ...], sizes: tuple[int, ...]
     ) -> Iterator[tuple[dict[str, Any], tuple[tuple[slice, ...], tuple[slice, ...]]]]:

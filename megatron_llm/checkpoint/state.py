@@ -206,10 +206,10 @@ def checked_weights(
     shapes: Mapping[str, torch.Size],
     tensors: Mapping[str, torch.Tensor | shards.Stored],
     source: str,
-) -> Iterator[tuple[str, torch.Tensor]]:
+) -> Iterator[tuple[str, torch.Tensor | shards.Stored]]:
     """(name, whole tensor) in the order of ``shapes`` (the single-device model's parameters),
     after checking that the names match and, as each is handed out, its shape. A stored
-    tensor is read when handed out, one at a time (shard.materialize slices it)."""
+    tensor (:class:`shards.Stored`) is handed out unread: indexing it reads that box."""
     missing = sorted(set(shapes) - set(tensors))
     unexpected = sorted(set(tensors) - set(shapes))
     if missing or unexpected:
@@ -224,7 +224,9 @@ def checked_weights(
                 f"{source}: {name} has shape {tuple(value.shape)}, this model expects "
                 f"{tuple(shape)}"
             )
-        yield name, value.whole() if isinstance(value, shards.Stored) else value
+        # A stored tensor goes out unread: shard.materialize's local_part indexes it, which
+        # reads only this rank's box (Stored.__getitem__), and another stage's not at all.
+        yield name, value
 
 
 def load_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
