@@ -101,6 +101,34 @@ def test_a_tied_embedding_on_two_pipeline_stages_is_written_once(
     assert sum(written.values()) == total, (written, total)
 
 
+def test_experts_split_over_ep_and_tp_are_saved_by_the_slice_rule(
+    tmp_path: Path, email_shard: Shard, bpe_model: Path
+) -> None:
+    """MoE at ep=2 x tp=2 x dp=2 (ZeRO 1; stacked experts cut on dim 0 by ep and on their
+    partition_dim by tp): every element written once, restored exactly at tp=1 dp=4 ep=1."""
+    moe = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.shared_experts=1"]
+    common = ["train.steps=2", "checkpoint.save_interval=2", *moe]
+    layout = ["parallel.tp=2", "parallel.dp=2", "parallel.ep=2", "parallel.zero_stage=1"]
+    layout.append("train.micro_batch_size=2")
+    saved = tmp_path / "ep2tp2/checkpoints/global_step2"
+    resume = [f"checkpoint.resume={saved}", "parallel.dp=4", "parallel.zero_stage=1"]
+    resume.append("train.micro_batch_size=1")
+    runs = [
+        ("train", _args(tmp_path / "ep2tp2", email_shard, bpe_model, *common, *layout)),
+        ("restored", _args(tmp_path / "dp4", email_shard, bpe_model, *common, *resume)),
+    ]
+    per_rank = run_on_ranks(4, run_all, runs)
+    restored = [per_rank[r][1] for r in range(4)]
+    for rank in restored:
+        assert rank["gap"] == {"param": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}, rank["gap"]
+    assert sorted(n for rank in restored for n in rank["names"]) == restored[0]["saved_names"]
+    ckpt = io.Checkpoint.open(saved)
+    total = sum(math.prod(e["shape"]) for e in ckpt.manifest["tensors"].values())
+    assert sum(_written(ckpt).values()) == total
+    experts = [n for n in ckpt.manifest["tensors"] if ".experts." in n]
+    assert experts and all(len(ckpt.manifest["tensors"][n]["pieces"]) >= 4 for n in experts)
+
+
 def test_range_boxes_tile_a_flat_range_in_order() -> None:
     """Every flat range of a 3-d box becomes boxes that, read in order, are those elements."""
     sizes = (3, 4, 5)
