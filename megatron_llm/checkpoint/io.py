@@ -254,7 +254,8 @@ class Checkpoint:
         if manifest.get("format") != FORMAT or manifest.get("version") not in READABLE:
             raise CheckpointError(
                 f"{manifest_path}: format {manifest.get('format')!r} version "
-                f"{manifest.get('version')!r}; expected {FORMAT!r} version 1 or 2"
+                f"{manifest.get('version')!r}; expected {FORMAT!r} version "
+                + " or ".join(map(str, READABLE))
             )
         return cls(path, manifest)
 
