@@ -17,7 +17,7 @@ import torch
 
 from megatron_llm.config import load_config
 from megatron_llm.model.gpt import GPT
-from megatron_llm.parallel.engine import check_expert_parallel
+from megatron_llm.parallel.experts import check_expert_parallel
 from megatron_llm.parallel.groups import ParallelContext
 from megatron_llm.parallel.layers import local_part, part_index
 from megatron_llm.parallel.shard import shard_model

@@ -20,14 +20,27 @@ gloo (torch 2.13) supports ``all_to_all_single`` with uneven split sizes, and NC
 list form ``all_to_all`` refuses uneven tensors, so only the single-tensor form is used. The
 counts stay on the device for the exchange (NCCL reduces device tensors only) and come to the
 host once per dispatch, as the split sizes must.
+
+DeepSpeed's side of the experts (which group reduces their gradients, which optimizer group
+holds them, what ZeRO stages can) lives here too: parallel/engine.py calls it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from megatron_llm.parallel.groups import ParallelContext
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from megatron_llm.config import RunConfig
 
 
 def _all_to_all(
@@ -113,3 +126,85 @@ class AllToAllDispatcher:
         local = len(self._by_source) // self.ep
         out = _regroup(out, self._by_expert, local, self.ep)  # grouped by source rank
         return all_to_all(out, self._recv, self._send, self.group)  # in dispatch's input order
+
+
+def is_expert_param(p: torch.Tensor) -> bool:
+    """Split over expert parallelism and marked for DeepSpeed (``mark_expert_params``): its
+    gradient is reduced over the expert data-parallel group, not the dense one."""
+    return getattr(p, "allreduce", True) is False
+
+
+def expert_group_name(ctx: ParallelContext) -> str:
+    return f"ep_size_{ctx.ep}"  # DeepSpeed's own naming of its expert groups
+
+
+def mark_expert_params(model: nn.Module, ctx: ParallelContext) -> list[int]:
+    """Give the expert-parallel parameters DeepSpeed's MoE markers and register our ep and
+    expert-dp groups under their name; returns each MoE layer's number of experts.
+
+    DeepSpeed 0.19 reduces a parameter with ``allreduce = False`` over the expert
+    data-parallel group registered in ``deepspeed.utils.groups`` under its ``group_name``
+    (engine: ZeRO 0 buckets; ZeRO 1/2: the optimizer group marked 'moe', partitioned over that
+    group), dividing by the DENSE data-parallel size: an expert's gradient summed over the
+    ranks that hold it, each having received the tokens of its whole ep group, divided by dp,
+    is the single-process mean. The registry has no public setter for groups made elsewhere:
+    we fill its dicts (cleared first: a process may build several layouts)."""
+    from deepspeed.utils import groups
+
+    from megatron_llm.model.moe import MoE
+
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    name = expert_group_name(ctx)
+    for layer in layers:
+        for p in layer.experts.parameters():
+            p.allreduce = False
+            p.group_name = name
+    registry = (
+        (groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS, ctx.ep_group),
+        (
+            groups._EXPERT_DATA_PARALLEL_GROUP,
+            groups._EXPERT_DATA_PARALLEL_GROUP_RANKS,
+            ctx.expert_dp_group,
+        ),
+    )
+    for by_name, ranks, group in registry:
+        by_name.clear()
+        ranks.clear()
+        by_name[name] = group
+        ranks[name] = dist.get_process_group_ranks(group)
+    return [layer.router.weight.shape[0] for layer in layers]
+
+
+@contextlib.contextmanager
+def experts_known_to_deepspeed(num_experts: list[int]) -> Iterator[None]:
+    """deepspeed.initialize inside sees our MoE layers: DeepSpeed turns on its MoE paths
+    (expert gradient reduction, 'moe' optimizer groups, expert grad norms) only for instances
+    of its own MoE class, which cannot run our tp or our checkpoint format; the engine is told
+    after its own scan instead. A no-op without expert parallelism."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    if not num_experts:
+        yield
+        return
+    scan = DeepSpeedEngine._configure_distributed_model
+
+    def configure(self: DeepSpeedEngine, model: nn.Module) -> None:
+        scan(self, model)
+        self.has_moe_layers = True
+        self.num_experts = list(num_experts)
+
+    DeepSpeedEngine._configure_distributed_model = configure  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        DeepSpeedEngine._configure_distributed_model = scan  # type: ignore[method-assign]
+
+
+def check_expert_parallel(cfg: RunConfig, ctx: ParallelContext) -> None:
+    if ctx.ep > 1 and cfg.parallel.zero_stage not in (1, 2):
+        raise ValueError(
+            f"parallel.ep={ctx.ep} with parallel.zero_stage={cfg.parallel.zero_stage}: expert "
+            "parallelism needs ZeRO 1 or 2 (ZeRO 0's clipping averages the grad norm over ranks "
+            "that hold different experts; ZeRO 3 does not partition our experts); set "
+            "parallel.zero_stage=1"
+        )
