@@ -218,6 +218,15 @@ def test_expert_parallelism_refuses_zero_0_and_3():
     check_expert_parallel(cfg, _context(tp=1, pp=1, dp=2, ep=2))
 
 
+def test_moe_aux_losses_refuse_fp16():
+    """fp16's dynamic loss scale never reaches the aux losses' backward: refused, not shrunk."""
+    ctx = _context(tp=1, pp=1, dp=1)
+    cfg = load_config(None, [*MOE_MODEL, "train.precision=fp16"])
+    with pytest.raises(ValueError, match="use train.precision=bf16"):
+        check_expert_parallel(cfg, ctx)
+    check_expert_parallel(load_config(None, [*MOE_MODEL, "train.precision=bf16"]), ctx)
+
+
 def test_expert_parallelism_refuses_a_dense_model():
     dense = GPT(load_config(None, TINY_MODEL).model, VOCAB)
     with pytest.raises(ValueError, match="needs MoE layers"):

@@ -201,6 +201,19 @@ def experts_known_to_deepspeed(num_experts: list[int]) -> Iterator[None]:
 
 
 def check_expert_parallel(cfg: RunConfig, ctx: ParallelContext) -> None:
+    """What the engine cannot do with experts, refused in one line before it is built."""
+    moe = cfg.model.moe
+    if (
+        moe.num_experts
+        and cfg.train.precision == "fp16"
+        and (moe.aux_loss_coeff or moe.z_loss_coeff)
+    ):
+        # DeepSpeed scales the loss by a dynamic fp16 loss scale the aux losses never see
+        # (their backward starts at aux_grad_scale), so unscaling would shrink them to nothing.
+        raise ValueError(
+            "model.moe aux/z-losses with train.precision=fp16: their gradients would miss "
+            "DeepSpeed's dynamic loss scale; use train.precision=bf16 (or coefficients of 0)"
+        )
     if ctx.ep > 1 and cfg.parallel.zero_stage not in (1, 2):
         raise ValueError(
             f"parallel.ep={ctx.ep} with parallel.zero_stage={cfg.parallel.zero_stage}: expert "
