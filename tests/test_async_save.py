@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from megatron_llm.checkpoint import io
-from megatron_llm.hashing import file_sha256
+from megatron_llm.hashing import CHUNKED, file_digest
 from megatron_llm.launch import free_port
 from tests.checkpoint_runs import overrides
 from tests.data_fixtures import Shard
@@ -228,7 +228,7 @@ def _text(path: Path) -> str:
 
 
 def test_the_sha256_taken_while_writing_is_the_files(tmp_path: Path) -> None:
-    """Large buffers are hashed on a helper thread while written, small ones inline: the
+    """Large buffers are hashed on helper threads while written, small ones inline: the
     manifest entries must equal a separate read of each file (what verify does)."""
     writer = io.FolderWriter(tmp_path)
     big = torch.randn(3 << 20, generator=torch.Generator().manual_seed(0))  # 12 MB: helper thread
@@ -238,5 +238,6 @@ def test_the_sha256_taken_while_writing_is_the_files(tmp_path: Path) -> None:
     assert sorted(entries) == ["model-00000.pt", "run_state.json"]
     for name, entry in entries.items():
         path = tmp_path / name
-        assert entry == {"bytes": path.stat().st_size, "sha256": file_sha256(path)}, name
+        digest = file_digest(path, CHUNKED)
+        assert entry == {"bytes": path.stat().st_size, "algorithm": CHUNKED, "digest": digest}
     assert torch.equal(io.load_tensors(tmp_path / "model-00000.pt")["big"], big)

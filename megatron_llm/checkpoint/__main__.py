@@ -65,7 +65,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"FAIL {p}")
     if not problems:
         n = len(ckpt.manifest["files"])
-        print(f"OK {ckpt.path}: {n} files match the manifest's sizes and sha256")
+        print(f"OK {ckpt.path}: {n} files match the manifest's sizes and digests")
     return 1 if problems else 0
 
 

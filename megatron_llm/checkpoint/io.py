@@ -6,7 +6,8 @@ Layout of ``checkpoint.dir`` (format ``megatron_llm-checkpoint``, version 2; ver
                               atomically, and only after that checkpoint is in place.
     global_step<N>/           one complete checkpoint; renamed into place only when whole
         manifest.json         format, version, step, the layout it was saved at, the tensor
-                              index, and {file: {bytes, sha256}} for every other file
+                              index, and {file: {bytes, algorithm, digest}} for every other
+                              file (algorithm: hashing.CHUNKED; older saves {bytes, sha256})
         run_state.json        step, consumed_samples, tokens_seen, train_samples (the sample
                               count the dataset indices were built for), engine counters,
                               loss scaler (fp16), and the tokenizer's sha256
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import pickle
@@ -47,10 +47,11 @@ from typing import IO, Any
 import torch
 import yaml
 
+from megatron_llm import hashing
 from megatron_llm.atomic import fsync_dir, os_error_in, write_atomic, write_failed
 from megatron_llm.checkpoint import rng, shards
 from megatron_llm.checkpoint.errors import CheckpointError
-from megatron_llm.hashing import file_sha256
+from megatron_llm.hashing import CHUNKED, PLAIN, ChunkedSha256, file_digest
 
 FORMAT = "megatron_llm-checkpoint"
 VERSION = 2
@@ -73,8 +74,9 @@ def step_of(path: Path) -> int | None:
 class _Hashing:
     """A binary file that checksums the bytes on their way to it: one pass, no read-back.
 
-    A large buffer is hashed on a helper thread while this one writes it (hashlib and the
-    write both release the GIL), so a file costs max(write, sha256), not their sum.
+    The digest is :data:`hashing.CHUNKED`: a large buffer's chunks are hashed on the pool's
+    threads while this one writes it (hashlib and the write both release the GIL), so a file
+    costs about max(write, sha256 / threads), not write + sha256.
     """
 
     PARALLEL_BYTES = 1 << 20  # smaller writes (zip headers) are hashed inline
@@ -82,20 +84,25 @@ class _Hashing:
     def __init__(self, f: IO[bytes], pool: ThreadPoolExecutor) -> None:
         self._f = f
         self._pool = pool
-        self.sha = hashlib.sha256()
-        self.size = 0
+        self.digest = ChunkedSha256()
+
+    @property
+    def size(self) -> int:
+        return self.digest.size
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        self.size += len(view)
+        jobs = self.digest.jobs(view)
         if len(view) < self.PARALLEL_BYTES:
-            self.sha.update(view)
+            for job in jobs:
+                job()
             return self._f.write(view)
-        hashed = self._pool.submit(self.sha.update, view)
+        hashed = [self._pool.submit(job) for job in jobs]
         try:
             return self._f.write(view)
         finally:
-            hashed.result()  # in order, and before the caller may reuse the buffer
+            for h in hashed:  # before the next buffer (chunks in order) and its reuse
+                h.result()
 
     def flush(self) -> None:
         self._f.flush()
@@ -104,26 +111,30 @@ class _Hashing:
 class FolderWriter:
     """Writes the files of a checkpoint folder, each fsynced, and their manifest entries.
 
-    Each file's sha256 is computed from the bytes on their way to the file (:class:`_Hashing`),
-    so the checksum costs no second read of the file. Call :meth:`entries` (or :meth:`close`)
-    when done.
+    Each file's digest (:data:`hashing.CHUNKED`) is computed from the bytes on their way to
+    the file (:class:`_Hashing`), so the checksum costs no second read of the file. Call
+    :meth:`entries` (or :meth:`close`) when done.
     """
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._entries: dict[str, dict[str, Any]] = {}
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        self._pool = ThreadPoolExecutor(hashing.threads(), thread_name_prefix="sha256")
 
     @contextlib.contextmanager
     def _file(self, name: str) -> Iterator[_Hashing]:
         path = self.folder / name
         try:
             with open(path, "wb") as f:
-                hashing = _Hashing(f, self._pool)
-                yield hashing
+                out = _Hashing(f, self._pool)
+                yield out
                 f.flush()
                 os.fsync(f.fileno())
-            self._entries[name] = {"bytes": hashing.size, "sha256": hashing.sha.hexdigest()}
+            self._entries[name] = {
+                "bytes": out.size,
+                "algorithm": CHUNKED,
+                "digest": out.digest.hexdigest(),
+            }
         except Exception as e:  # a full disk: one line naming the file and the errno
             err = os_error_in(e)
             if err is None:
@@ -142,7 +153,7 @@ class FolderWriter:
         self._pool.shutdown()
 
     def entries(self) -> dict[str, dict[str, Any]]:
-        """{file: {bytes, sha256}} of everything written; the writer is done."""
+        """{file: {bytes, algorithm, digest}} of everything written; the writer is done."""
         self._pool.shutdown()
         return dict(self._entries)
 
@@ -301,8 +312,8 @@ class Checkpoint:
                     f"{path}: {path.stat().st_size} bytes, the manifest says {entry['bytes']} "
                     "(truncated or overwritten)"
                 )
-            elif checksums and file_sha256(path) != entry["sha256"]:
-                found.append(f"{path}: sha256 differs from the manifest (corrupted)")
+            elif checksums and (wrong := _digest_problem(path, entry)):
+                found.append(wrong)
         return found
 
     def tensors(self, *, optimizer: bool) -> StoredState:
@@ -410,6 +421,21 @@ def load_tensors(path: Path, *, mmap: bool = False, allow: list[Any] | None = No
             f"{path}: not a tensor file in torch.save's zip format (as this project writes); "
             "refused"
         ) from None
+
+
+def _digest_problem(path: Path, entry: dict[str, Any]) -> str | None:
+    """Why a file's digest disagrees with its manifest entry, or None. The entry's
+    ``algorithm`` decides how to hash: {"bytes", "algorithm", "digest"}; entries written
+    before the chunked digest ({"bytes", "sha256"}) are plain sha256."""
+    algorithm = entry.get("algorithm", PLAIN)
+    expected = entry.get("digest") if "algorithm" in entry else entry.get("sha256")
+    try:
+        found = file_digest(path, algorithm)
+    except ValueError as e:
+        return str(e)
+    if found != expected:
+        return f"{path}: sha256 differs from the manifest (corrupted) [{algorithm}]"
+    return None
 
 
 def _first_line(e: Exception) -> str:
