@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -190,7 +191,7 @@ def test_only_one_of_many_simultaneous_starters_gets_the_lock(tmp_path):
     at = str(time.time() + 3)
     procs = [
         subprocess.Popen(
-            ["python", "-c", code, str(tmp_path), at], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", code, str(tmp_path), at], stdout=subprocess.PIPE, text=True
         )
         for _ in range(6)
     ]
