@@ -140,6 +140,10 @@ HOT_PATHS = (
     "parallel/",
     "checkpoint/state.py",
     "model/gpt.py",
+    "model/moe.py",
+    "kernels/attention.py",
+    "data/batch.py",
+    "training/metrics.py",
 )
 FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "rand", "randn", "randint")
 COLLECTIVES = (
@@ -149,6 +153,8 @@ COLLECTIVES = (
     "broadcast",
     "reduce_scatter",
     "reduce_scatter_tensor",
+    "all_to_all_single",  # expert parallelism's dispatch
+    "batch_isend_irecv",  # context parallelism's ring (its tensors inside P2POps)
 )
 
 
@@ -163,8 +169,10 @@ def watched_step_eval_save(argv: list[str]) -> dict:
     from torch.overrides import TorchFunctionMode
 
     from megatron_llm.config import load_config
+    from megatron_llm.data.batch import document_masking
     from megatron_llm.parallel.groups import build_context, mean_over_dp
     from megatron_llm.training import loop
+    from megatron_llm.training.metrics import moe_metrics
     from megatron_llm.training.preemption import StopRequest
     from megatron_llm.training.run import build_run
 
@@ -201,6 +209,7 @@ def watched_step_eval_save(argv: list[str]) -> dict:
         def collective(*args, **kwargs):
             for t in [*args, *kwargs.values()]:
                 for x in t if isinstance(t, list) else [t]:
+                    x = getattr(x, "tensor", x)  # a P2POp's tensor
                     if isinstance(x, torch.Tensor):
                         collectives.add((name, str(x.device)))
                         if any(x is m for m in moved):
@@ -215,9 +224,16 @@ def watched_step_eval_save(argv: list[str]) -> dict:
     try:
         with Watch():
             loss, _ = loop.train_step(
-                run.engine, run.batches(), cfg.train.grad_accum_steps, ctx.tp_group
+                run.engine,
+                run.batches(),
+                cfg.train.grad_accum_steps,
+                ctx.tp_group,
+                document_masking(cfg.data, run.tokenizer.eod),
+                run.model.context,
             )
             mean_over_dp(loss, ctx)
+            if cfg.model.moe.num_experts:
+                moe_metrics(run.engine.module, ctx)
             loop.evaluate(run)
             StopRequest().reason(1)
             run.save(1)
@@ -233,17 +249,42 @@ def watched_step_eval_save(argv: list[str]) -> dict:
     }
 
 
-def test_hot_paths_keep_tensors_on_the_rank_device(tmp_path, email_shard, bpe_model) -> None:
+HOT_LAYOUTS = {
     # tp=2 and ZeRO 0: the tensor-parallel collectives of the model, the loss and our own
-    # gradient norm run; a save gathers the tp shards. On CPU ranks the rank's device is the CPU,
-    # so what this can catch here is a tensor made without naming its device (it would be a CPU
-    # tensor on a GPU rank) and a collective fed anything but the rank's device.
+    # gradient norm; a sharded save (no gathers).
+    "tp2": (["parallel.tp=2", "parallel.zero_stage=0"], {"all_reduce"}),
+    # context parallelism's ring with packed documents (segment ids travel with the keys)
+    "cp2": (
+        ["parallel.cp=2", "parallel.dp=1", "data.reset_attention_mask=true"],
+        {"batch_isend_irecv", "all_reduce"},
+    ),
+    # expert parallelism's all-to-all, the MoE metrics' reductions, ZeRO 1 over the experts
+    "ep2": (
+        [
+            "model.moe.num_experts=4",
+            "model.moe.top_k=2",
+            "parallel.dp=2",
+            "parallel.ep=2",
+            "parallel.zero_stage=1",
+        ],
+        {"all_to_all_single", "all_reduce"},
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", HOT_LAYOUTS)
+def test_hot_paths_keep_tensors_on_the_rank_device(
+    tmp_path, email_shard, bpe_model, layout
+) -> None:
+    # On CPU ranks the rank's device is the CPU, so what this can catch here is a tensor made
+    # without naming its device (it would be a CPU tensor on a GPU rank) and a collective fed
+    # anything but the rank's device.
+    overrides, expected = HOT_LAYOUTS[layout]
     argv = [
         *TINY_MODEL,
         f"data.prefixes=[{email_shard.prefix}]",
         f"data.tokenizer={bpe_model}",
-        "parallel.tp=2",
-        "parallel.zero_stage=0",
+        *overrides,
         "train.micro_batch_size=2",
         "train.grad_accum_steps=2",
         "eval.iters=1",
@@ -254,5 +295,5 @@ def test_hot_paths_keep_tensors_on_the_rank_device(tmp_path, email_shard, bpe_mo
         assert r["undeviced"] == [], r["undeviced"]
         assert r["fed_host_copies"] == []  # e.g. a tp gather of state already moved to the CPU
         ops = {op for op, _ in r["collectives"]}
-        assert {"all_reduce", "all_gather"} <= ops, r["collectives"]  # it watched the real ones
+        assert expected <= ops, r["collectives"]  # it watched the real ones
         assert {device for _, device in r["collectives"]} == {r["device"]}

@@ -46,9 +46,9 @@ def moe_metrics(module: nn.Module, ctx: ParallelContext) -> dict[str, float]:
     if found:
         counts = torch.stack([s.tokens_per_expert for s in found]).double()  # (layers, experts)
         # aux and z are means over each forward's tokens: averaged over forwards and ranks
-        batches = torch.tensor([s.micro_batches for s in found], dtype=torch.float64)
+        batches = torch.tensor([s.micro_batches for s in found], dtype=torch.float64, device=device)
         losses = torch.stack([torch.stack([s.aux_loss, s.z_loss]) for s in found]).double()
-        losses = losses / batches.to(device)[:, None] / max(ctx.dp * ctx.cp, 1)
+        losses = losses / batches[:, None] / max(ctx.dp * ctx.cp, 1)
         dropped = torch.stack([s.dropped for s in found]).double().sum()
         local = torch.cat([losses.sum(dim=0), dropped[None], counts.sum()[None]])
         if data is not None:
