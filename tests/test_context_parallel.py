@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -91,7 +92,7 @@ def _layout(
     ]
 
 
-def _docs(style: list[str], **layout: int) -> tuple[str, list[str]]:
+def _docs(style: list[str], **layout: Any) -> tuple[str, list[str]]:
     """A packed-documents run (tests/parallel_runs.py's data, EOD every ~5 tokens)."""
     return ("packed", [*style, *DOCS, "train.steps=4", *_layout(**layout)])
 
@@ -138,6 +139,8 @@ def test_context_parallel_trains_as_one_process(
         "cp2-pp2-gpt2": loop("cp2-pp2-gpt2", *GPT2, *_layout(cp=2, pp=2), *save),
         "docs-cp4-llama": _docs(LLAMA, cp=4),
         "docs-cp2-pp2-gpt2": _docs(GPT2, cp=2, pp=2),
+        "docs-cp2-tp2-sp-llama": _docs(LLAMA, cp=2, tp=2, sp=True),
+        "docs-cp2-dp2-gpt2": _docs(GPT2, cp=2, dp=2, zero=1),
     }
     results = {}
     for world, runs in ((2, world2), (1, world1), (4, world4)):
@@ -175,6 +178,8 @@ def test_context_parallel_trains_as_one_process(
         "docs-cp2-a2a-llama": "docs-llama",
         "docs-cp4-llama": "docs-llama",
         "docs-cp2-pp2-gpt2": "docs-gpt2",
+        "docs-cp2-tp2-sp-llama": "docs-llama",
+        "docs-cp2-dp2-gpt2": "docs-gpt2",
     }.items():
         _close(results[name]["losses"], results[ref]["losses"], name)
         _close(results[name]["norms"], results[ref]["norms"], name)
