@@ -1,6 +1,7 @@
 """Context parallelism (parallel/context.py): the load-balanced split, ring attention against one
 whole attention, and real training runs at cp=2, cp=4, cp=2 x tp=2 (+sp), cp=2 x dp=2 and
-cp=2 x pp=2 against one process; bitwise resume at cp=2 and a cp=2 checkpoint continued at cp=1.
+cp=2 x pp=2 (and an MoE at cp=2 x dp=2 x ep=2) against one process; bitwise resume at cp=2 and a
+cp=2 checkpoint continued at cp=1.
 """
 
 from __future__ import annotations
@@ -69,6 +70,14 @@ LLAMA = ["model.style=llama", "model.num_kv_heads=2"]  # RoPE, GQA, untied head
 GPT2 = ["model.style=gpt2"]  # learned positions, tied head
 DOCS = ["data.reset_attention_mask=true", "data.reset_position_ids=true"]
 A2A = ["parallel.cp_attention=all_to_all"]
+# Dropless routing decides per token and no aux loss (it would cover each rank's chunk), so an
+# MoE at cp=2 x dp=2 x ep=2 must train as one process does.
+MOE = [
+    "model.moe.num_experts=4",
+    "model.moe.top_k=2",
+    "model.moe.aux_loss_coeff=0",
+    "model.moe.z_loss_coeff=0",
+]
 COMMON = [
     f"train.steps={STEPS}",
     "eval.at_end=true",
@@ -130,6 +139,7 @@ def test_context_parallel_trains_as_one_process(
         "docs-llama": _docs(LLAMA),
         "docs-gpt2": _docs(GPT2),
         "no-docs-llama": ("packed", [*LLAMA, "train.steps=4", *_layout()]),
+        "moe-llama": loop("moe-llama", *LLAMA, *MOE, *_layout()),
     }
     world4 = {
         "cp4-llama": loop("cp4-llama", *LLAMA, *_layout(cp=4)),
@@ -141,6 +151,11 @@ def test_context_parallel_trains_as_one_process(
         "docs-cp2-pp2-gpt2": _docs(GPT2, cp=2, pp=2),
         "docs-cp2-tp2-sp-llama": _docs(LLAMA, cp=2, tp=2, sp=True),
         "docs-cp2-dp2-gpt2": _docs(GPT2, cp=2, dp=2, zero=1),
+        # experts split over the dp ranks, their gradients reduced over the ranks holding them
+        # (dp / ep x cp), tokens dispatched within each cp rank's ep group
+        "cp2-ep2-moe-llama": loop(
+            "cp2-ep2-moe-llama", *LLAMA, *MOE, *_layout(cp=2, dp=2, zero=1), "parallel.ep=2"
+        ),
     }
     results = {}
     for world, runs in ((2, world2), (1, world1), (4, world4)):
@@ -165,6 +180,7 @@ def test_context_parallel_trains_as_one_process(
         "cp2-tp2-sp-llama": "llama",
         "cp2-dp2-gpt2": "gpt2",
         "cp2-pp2-gpt2": "gpt2",
+        "cp2-ep2-moe-llama": "moe-llama",
     }.items():
         got, want = results[name], results[ref]
         assert len(got["losses"]) == STEPS, name
