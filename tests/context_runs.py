@@ -96,51 +96,21 @@ def ring_cases() -> dict[str, Any]:
     return out
 
 
-def train_packed(overrides: list[str]) -> dict[str, Any]:
-    """tests/parallel_runs.py's packed-document steps (an EOD about every 5 tokens, document
-    masking and positions from data.reset_*) through the real train_step at any layout, cp
-    included: per-step losses and grad norms."""
-    from megatron_llm.config import load_config
-    from megatron_llm.data.batch import document_masking
-    from megatron_llm.parallel.build import build_model
-    from megatron_llm.parallel.engine import build_engine
-    from megatron_llm.parallel.groups import build_context, mean_over_dp
-    from megatron_llm.training.loop import train_step
-    from megatron_llm.training.run import seed_everything
-    from tests.parallel_runs import BASE, EOD, VOCAB, packed_documents
-
-    cfg = load_config(None, BASE + overrides)
-    ctx = build_context(cfg.parallel)
-    built = build_model(cfg, ctx, VOCAB)
-    engine = build_engine(built.module, cfg, ctx)
-    seed_everything(cfg.train.seed + 1 + ctx.dp_rank)
-    accum, micro = cfg.train.grad_accum_steps, cfg.train.micro_batch_size
-    data = packed_documents(cfg.train.steps, cfg.model.seq_length)
-    masking = document_masking(cfg.data, EOD)
-    out: dict[str, Any] = {"losses": [], "norms": []}
-    for step in range(cfg.train.steps):
-        mine = data[step].view(ctx.dp, accum, micro, -1)[ctx.dp_rank]  # (accum, micro, seq+1)
-        loss, norm = train_step(
-            engine, iter(mine), accum, ctx.tp_group, masking, built.model.context
-        )
-        out["losses"].append(mean_over_dp(loss, ctx))
-        out["norms"].append(norm)
-    return out
-
-
 def cp_runs(items: list[tuple[str, list[str]]]) -> list[dict[str, Any]]:
     """Runs one after the other on the same ranks: ("loop", argv) the real training loop on
-    real shards (tests/checkpoint_runs.py train_run), ("packed", overrides) train_packed."""
+    real shards (tests/checkpoint_runs.py train_run), ("packed", overrides) the packed-document
+    steps (tests/parallel_runs.py train_documents)."""
     import time
 
     import torch.distributed as dist
 
     from tests.checkpoint_runs import train_run
+    from tests.parallel_runs import train_documents
 
     results = []
     for kind, argv in items:
         start = time.perf_counter()
-        results.append({"loop": train_run, "packed": train_packed}[kind](argv))
+        results.append({"loop": train_run, "packed": train_documents}[kind](argv))
         results[-1]["wall"] = time.perf_counter() - start
         dist.barrier()
     return results

@@ -309,7 +309,7 @@ def packed_documents(steps: int, seq_length: int, seed: int = 0) -> torch.Tensor
 
 def train_documents(overrides: list[str]) -> dict:
     """Steps of the real train_step with the run's document masking (EOD = 0) on packed
-    samples, at any layout (pp included): per-step losses and grad norms."""
+    samples, at any layout (pp and cp included): per-step losses and grad norms."""
     from megatron_llm.config import load_config
     from megatron_llm.data.batch import document_masking
     from megatron_llm.parallel.build import build_model
@@ -320,7 +320,8 @@ def train_documents(overrides: list[str]) -> dict:
 
     cfg = load_config(None, BASE + overrides)
     ctx = build_context(cfg.parallel)
-    engine = build_engine(build_model(cfg, ctx, VOCAB).module, cfg, ctx)
+    built = build_model(cfg, ctx, VOCAB)
+    engine = build_engine(built.module, cfg, ctx)
     seed_everything(cfg.train.seed + 1 + ctx.dp_rank)
     accum, micro = cfg.train.grad_accum_steps, cfg.train.micro_batch_size
     data = packed_documents(cfg.train.steps, cfg.model.seq_length)
@@ -328,7 +329,10 @@ def train_documents(overrides: list[str]) -> dict:
     out: dict[str, Any] = {"losses": [], "norms": []}
     for step in range(cfg.train.steps):
         mine = data[step].view(ctx.dp, accum, micro, -1)[ctx.dp_rank]  # (accum, micro, seq+1)
-        loss, norm = train_step(engine, iter(mine), accum, ctx.tp_group, masking)
+        # the cp ring (None at cp=1) cuts each micro-batch into this rank's chunks
+        loss, norm = train_step(
+            engine, iter(mine), accum, ctx.tp_group, masking, built.model.context
+        )
         out["losses"].append(mean_over_dp(loss, ctx))
         out["norms"].append(norm)
     return out
